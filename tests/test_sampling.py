@@ -1,0 +1,106 @@
+"""Sampling: what each filter keeps, in which order they compose, and that draws follow the
+processed distribution."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transformer.sampling import (process_logits, sample_next_token, top_k_filter, top_p_filter,
+                                  validate_sampling_args)
+
+logit_rows = st.lists(st.floats(-20, 20, allow_nan=False, width=32), min_size=2, max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(row=logit_rows, k=st.integers(1, 45))
+def test_top_k_keeps_exactly_k_largest(row, k):
+    logits = torch.tensor([row])
+    out = top_k_filter(logits, k)
+    kept = torch.isfinite(out[0])
+    assert int(kept.sum()) == min(k, len(row))
+    # every kept logit is >= every removed one, and kept values are unchanged
+    if kept.any() and (~kept).any():
+        assert logits[0][kept].min() >= logits[0][~kept].max()
+    assert torch.equal(out[0][kept], logits[0][kept])
+
+
+def test_top_k_with_ties_keeps_exactly_k():
+    out = top_k_filter(torch.zeros(1, 10), 3)
+    assert int(torch.isfinite(out).sum()) == 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(row=logit_rows, p=st.floats(0.01, 1.0))
+def test_top_p_keeps_smallest_set_reaching_p(row, p):
+    logits = torch.tensor([row], dtype=torch.float64)
+    out = top_p_filter(logits, p)
+    kept = torch.isfinite(out[0])
+    probs = torch.softmax(logits[0], -1)
+    kept_mass = float(probs[kept].sum())
+    assert kept.any()
+    assert kept_mass >= p - 1e-9 or bool(kept.all())
+    # minimal: dropping the least likely kept token falls below p
+    if int(kept.sum()) > 1:
+        assert kept_mass - float(probs[kept].min()) < p + 1e-9
+    # it is a top set: nothing removed is more likely than something kept
+    if (~kept).any():
+        assert probs[~kept].max() <= probs[kept].min() + 1e-12
+
+
+def test_top_p_example():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = torch.isfinite(top_p_filter(probs.log(), 0.8))
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = torch.isfinite(top_p_filter(probs.log(), 0.81))
+    assert kept.tolist() == [[True, True, True, False]]
+
+
+def test_combined_order_is_temperature_then_top_k_then_top_p():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    out = process_logits(logits, temperature=2.0, top_k=3, top_p=0.7)
+    # temperature 2 -> [2, 1.5, 1, .5, 0]; top-3 -> renormalised over 3; top-p 0.7 of that
+    t = logits / 2.0
+    p3 = torch.softmax(t[:, :3], -1)[0]
+    expect_keep = 1 + int(p3[0] < 0.7) + int(p3[0] + p3[1] < 0.7)
+    assert int(torch.isfinite(out).sum()) == expect_keep
+    assert torch.allclose(out[0, :expect_keep], t[0, :expect_keep])
+
+
+def test_temperature_zero_and_do_sample_false_are_greedy():
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    assert torch.equal(sample_next_token(logits, do_sample=True, temperature=0, generator=g), logits.argmax(-1))
+    assert torch.equal(sample_next_token(logits, do_sample=False, temperature=5.0), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("settings_", [dict(temperature=1.0), dict(temperature=0.7, top_k=4),
+                                       dict(temperature=1.3, top_p=0.8), dict(temperature=0.8, top_k=5, top_p=0.9)])
+def test_empirical_frequencies_match_processed_distribution(settings_):
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]])
+    expected = torch.softmax(process_logits(logits, **settings_), -1)[0]
+    n = 40_000
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next_token(logits.expand(n, -1), do_sample=True, generator=g, **settings_)
+    freq = torch.bincount(draws, minlength=logits.shape[-1]).double() / n
+    # removed tokens are never drawn
+    assert freq[expected == 0].sum() == 0
+    # chi-square goodness of fit over the kept tokens (df <= 7): 0.1% critical value < 25
+    keep = expected > 0
+    e = expected[keep].double() * n
+    o = freq[keep] * n
+    chi2 = float(((o - e) ** 2 / e).sum())
+    assert chi2 < 25, chi2
+    assert math.isclose(float(freq.sum()), 1.0, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("kwargs, name", [(dict(temperature=-0.1), "temperature"), (dict(top_k=0), "top_k"),
+                                          (dict(top_k=2.5), "top_k"), (dict(top_p=0.0), "top_p"),
+                                          (dict(top_p=1.5), "top_p"), (dict(temperature=float("nan")), "temperature")])
+def test_invalid_sampling_values_raise_named_errors(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        validate_sampling_args(**kwargs)

@@ -1,0 +1,131 @@
+"""One attention module for self-attention and cross-attention, with GQA and a KV cache.
+
+Self-attention (``is_cross=False``): queries, keys and values come from the same sequence.
+One fused ``qkv_proj`` produces all three in one matrix product.  With a cache, only the new
+tokens' keys/values are computed; ``cache.update`` appends them and returns the whole history.
+
+Cross-attention (``is_cross=True``): queries come from the decoder, keys/values from the
+encoder output ("memory").  The memory is fixed for a whole generation, so its keys/values
+are projected once, stored in the cross-attention half of an ``EncoderDecoderCache`` and
+reused on every later step.
+
+Grouped-query attention: ``n_kv_heads`` key/value heads each serve ``n_heads / n_kv_heads``
+query heads; the cache stores only ``n_kv_heads`` heads.  ``scaled_dot_product_attention``
+broadcasts the groups itself (``enable_gqa``), so no repeated copy of the cache is made.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .layers import apply_rotary
+
+
+def _to_bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """View a cache tensor in the ``(B, H, S, D)`` layout attention uses (no copy)."""
+    return t if layout == "bhsd" else t.transpose(1, 2)
+
+
+def _from_bshd(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """View a freshly projected ``(B, S, H, D)`` tensor in a cache's layout (no copy)."""
+    return t.transpose(1, 2) if layout == "bhsd" else t
+
+
+class Attention(nn.Module):
+    """Multi-head (or grouped/multi-query) scaled dot-product attention.
+
+    Args:
+        config: model hyper-parameters (``d_model``, ``n_heads``, ``n_kv_heads``, ``bias``...).
+        is_cross: build the cross-attention variant (separate query and key/value projections).
+
+    ``forward(x, ...)``: ``x`` is ``(B, S, d_model)``; returns ``(B, S, d_model)``.
+    Cost per token: ``2 * d_model * (n_heads + 2 n_kv_heads) * head_dim`` FLOPs of projections
+    plus ``4 * n_heads * head_dim * kv_len`` FLOPs of attention over ``kv_len`` keys.
+    """
+
+    def __init__(self, config: ModelConfig, is_cross: bool = False):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.is_cross = is_cross
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        if is_cross:
+            self.q_proj = nn.Linear(config.d_model, q_dim, bias=config.bias)
+            self.kv_proj = nn.Linear(config.d_model, 2 * kv_dim, bias=config.bias)
+        else:
+            self.qkv_proj = nn.Linear(config.d_model, q_dim + 2 * kv_dim, bias=config.bias)
+        self.out_proj = nn.Linear(q_dim, config.d_model, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def project_kv(self, memory: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys/values of the encoder output: ``(B, S_src, H_kv, D)`` each."""
+        B, S, _ = memory.shape
+        k, v = self.kv_proj(memory).view(B, S, 2, self.n_kv_heads, self.head_dim).unbind(2)
+        return k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+        rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        cache=None,
+        layer_idx: int = 0,
+        cache_position: Optional[torch.Tensor] = None,
+        memory: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Attend from ``x`` to itself (self) or to ``memory`` (cross).
+
+        Args:
+            x: ``(B, S, d_model)`` queries' input.
+            mask: boolean ``(B or 1, 1, S, kv_len)``, ``True`` = may attend; or ``None``.
+            is_causal: use the built-in causal mask (only valid when no cache history exists).
+            rope: ``(cos, sin)`` from :class:`~transformer.layers.RotaryEmbedding`, or ``None``.
+            cache: self-attention: a ``kv_cache.Cache``; cross-attention: an
+                ``EncoderDecoderCache`` (its cross half is filled once, then reused).
+            layer_idx: which layer of the cache this module owns.
+            cache_position: where the new keys go in the cache (``None`` = append).
+            memory: ``(B, S_src, d_model)`` encoder output (cross-attention only).
+        """
+        B, S, _ = x.shape
+        if self.is_cross:
+            q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
+            k, v = self._cross_kv(memory, cache, layer_idx)
+        else:
+            q, k, v = self.qkv_proj(x).view(B, S, self.n_heads + 2 * self.n_kv_heads, self.head_dim).split(
+                [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
+            if rope is not None:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            if cache is None:
+                k, v = k.transpose(1, 2), v.transpose(1, 2)
+            else:
+                layout = cache.layout
+                k, v = cache.update(_from_bshd(k, layout), _from_bshd(v, layout), layer_idx, cache_position)
+                k, v = _to_bhsd(k, layout), _to_bhsd(v, layout)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, H, S, D)
+        y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
+        return self.resid_dropout(self.out_proj(y))
+
+    def _cross_kv(self, memory, cache, layer_idx):
+        """Keys/values of the encoder output in ``(B, H_kv, S_src, D)``: projected or cached."""
+        if cache is not None and cache.has_cross(layer_idx):
+            k, v = cache.get_cross(layer_idx)
+            layout = cache.cross_attention_cache.layout
+            return _to_bhsd(k, layout), _to_bhsd(v, layout)
+        if memory is None:
+            raise ValueError("cross-attention needs `memory` (the encoder output) when its keys/values are not cached")
+        k, v = self.project_kv(memory)
+        if cache is None:
+            return k.transpose(1, 2), v.transpose(1, 2)
+        layout = cache.cross_attention_cache.layout
+        k, v = cache.set_cross(layer_idx, _from_bshd(k, layout), _from_bshd(v, layout))
+        return _to_bhsd(k, layout), _to_bhsd(v, layout)

@@ -1,0 +1,225 @@
+"""Autoregressive generation: prefill once, then decode one token per step.
+
+The loop is the same for both models and for every cache::
+
+    logits = prefill(prompt)                 # one pass over the prompt, fills the cache
+    repeat max_new_tokens times:
+        token = sample_next_token(logits)    # greedy / temperature / top-k / top-p
+        logits = decode_one_token(token)     # one new token through the model + cache
+
+Without a cache (``use_cache=False``) ``decode_one_token`` is replaced by a pass over the
+whole sequence so far -- the reference that cached decoding must reproduce exactly.
+
+Batches of prompts with different lengths are *left padded*: ``attention_mask`` marks real
+tokens with 1.  Padding keys are masked out of attention and position ids count real tokens
+only, so every row produces the same tokens as its prompt run alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+
+import kv_cache
+from kv_cache import Cache
+from .config import ModelConfig
+from .sampling import sample_next_token, validate_sampling_args
+
+CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+_UNSET = object()
+
+
+@dataclass
+class GenerateOutput:
+    """What ``generate(..., output_logits=True)`` returns.
+
+    ``sequences``: ``(B, P + n)`` prompt plus generated tokens.
+    ``logits``: ``(B, n, V)`` the raw (unprocessed) logits each new token was chosen from.
+    """
+
+    sequences: torch.Tensor
+    logits: torch.Tensor
+
+
+def make_cache(config: ModelConfig, kind: str, batch_size: int, max_cache_len: Optional[int],
+               layout: str = "bhsd", like: Optional[torch.Tensor] = None) -> Cache:
+    """Build an empty ``"dynamic"`` or ``"static"`` cache shaped for ``config``.
+
+    ``like`` (a parameter of the model) gives the dtype and device.  A static cache
+    preallocates ``n_layers * 2 * batch_size * n_kv_heads * max_cache_len * head_dim`` elements.
+    """
+    dtype = like.dtype if like is not None else torch.float32
+    device = like.device if like is not None else None
+    if kind == "dynamic":
+        return kv_cache.DynamicKVCache(layout=layout)
+    if kind == "static":
+        if max_cache_len is None:
+            raise ValueError("a static cache needs max_cache_len (prompt length + max_new_tokens)")
+        return kv_cache.StaticKVCache(max_cache_len=max_cache_len, num_layers=config.n_layers, num_heads=config.n_heads,
+                             num_kv_heads=config.n_kv_heads, head_dim=config.head_dim, max_batch_size=batch_size,
+                             dtype=dtype, device=device, layout=layout)
+    raise ValueError(f"cache_implementation={kind!r} is not known; expected one of {CACHE_IMPLEMENTATIONS} "
+                     f"or a kv_cache.Cache object")
+
+
+class _Stepper:
+    """Hides the difference between the two models: ``step(ids, cache, mask, pos) -> (B, V)``
+    logits of the last position.  The encoder-decoder model encodes the source once here."""
+
+    def __init__(self, model, src=None, src_mask=None):
+        self.model = model
+        self.is_seq2seq = hasattr(model, "encode")
+        if self.is_seq2seq:
+            if src is None:
+                raise ValueError("the encoder-decoder model needs `src` (the source token ids) to generate")
+            self.src_mask = src_mask
+            self.memory = model.encode(src, src_mask)
+        elif src is not None:
+            raise ValueError("`src` is only for the encoder-decoder model")
+
+    def __call__(self, ids, cache, attention_mask, position_ids):
+        if self.is_seq2seq:
+            logits = self.model.decode(ids, self.memory, src_mask=self.src_mask, tgt_mask=attention_mask, cache=cache,
+                                       position_ids=position_ids, num_logits_to_keep=1)
+        else:
+            logits = self.model(ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids,
+                                num_logits_to_keep=1)
+        return logits[:, -1]
+
+
+def _check_inputs(config: ModelConfig, input_ids, max_new_tokens, attention_mask):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a (batch, prompt_len) LongTensor, got {got}")
+    B, P = input_ids.shape
+    if P == 0:
+        raise ValueError("input_ids must hold at least one token per row (got prompt length 0)")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if P > config.max_seq_len:
+        raise ValueError(f"prompt length {P} is longer than the model's context max_seq_len={config.max_seq_len}")
+    if config.pos_encoding == "learned" and P + max_new_tokens > config.max_seq_len:
+        raise ValueError(
+            f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds max_seq_len={config.max_seq_len}, "
+            f"the size of this model's learned position table")
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != (B, P):
+            raise ValueError(f"attention_mask must have the shape of input_ids {(B, P)}, got {tuple(attention_mask.shape)}")
+        if not bool((attention_mask.sum(-1) > 0).all()):
+            raise ValueError("every row of attention_mask needs at least one real (1) token")
+
+
+def _resolve_cache(model, stepper, cache_implementation, batch, max_len, src):
+    """Turn ``cache_implementation`` (a name or a Cache object) into an empty cache."""
+    if isinstance(cache_implementation, Cache):
+        cache = cache_implementation
+        if cache.get_seq_length(0) != 0:
+            raise ValueError("the cache passed to generate is not empty; call cache.reset() first")
+        if stepper.is_seq2seq and not isinstance(cache, kv_cache.EncoderDecoderCache):
+            raise ValueError("the encoder-decoder model needs an EncoderDecoderCache")
+        return cache
+    if stepper.is_seq2seq:
+        return model.new_cache(cache_implementation, batch, max_len, src_len=src.shape[1])
+    return model.new_cache(cache_implementation, batch, max_len)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    use_cache: bool = True,
+    cache_implementation: Union[str, Cache] = "dynamic",
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    eos_token_id=_UNSET,
+    pad_token_id: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    output_logits: bool = False,
+    streamer: Optional[Callable[[torch.Tensor], None]] = None,
+    src: Optional[torch.Tensor] = None,
+    src_mask: Optional[torch.Tensor] = None,
+):
+    """Generate up to ``max_new_tokens`` tokens after ``input_ids`` ``(B, P)``.
+
+    Args:
+        use_cache: decode with a KV cache (default) or recompute the whole prefix each step.
+        cache_implementation: ``"dynamic"``, ``"static"`` (preallocated for ``P +
+            max_new_tokens``) or an empty ``kv_cache.Cache`` object to fill.
+        do_sample: sample (``True``) or take the argmax (``False``, greedy).
+        temperature, top_k, top_p: applied in that order when sampling (see
+            :mod:`transformer.sampling`); ``temperature=0`` is greedy.
+        eos_token_id: a row stops after producing it; later positions of that row hold
+            ``pad_token_id``.  Generation ends early once every row has stopped.  Defaults to
+            ``model.config.eos_token_id``; pass ``None`` to never stop early.
+        generator: a ``torch.Generator`` for reproducible sampling.
+        attention_mask: ``(B, P)``, 1 = real token, 0 = left padding.
+        output_logits: also return the logits of every step (:class:`GenerateOutput`).
+        streamer: called with each new ``(B,)`` token tensor as soon as it is chosen.
+        src, src_mask: the source of the encoder-decoder model.
+
+    Returns ``(B, P + n)`` LongTensor, ``n <= max_new_tokens`` (or a :class:`GenerateOutput`).
+    Cost: one prefill over ``P`` tokens, then ``n`` single-token steps with a cache; without
+    one, step ``t`` reprocesses all ``P + t`` tokens.
+    """
+    config = model.config
+    validate_sampling_args(temperature, top_k, top_p)
+    _check_inputs(config, input_ids, max_new_tokens, attention_mask)
+    if eos_token_id is _UNSET:
+        eos_token_id = config.eos_token_id
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos_token_id or 0)
+    B, P = input_ids.shape
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # no padding: take the mask-free fast path
+    if attention_mask is not None:
+        attention_mask = attention_mask.long()
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    else:
+        position_ids = None
+
+    was_training = model.training
+    model.eval()
+    stepper = _Stepper(model, src, src_mask)
+    cache = _resolve_cache(model, stepper, cache_implementation, B, P + max_new_tokens, src) if use_cache else None
+
+    sequences = input_ids
+    all_logits = []
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    logits = stepper(input_ids, cache, attention_mask, position_ids)  # prefill: (B, V)
+    for step in range(max_new_tokens):
+        token = sample_next_token(logits, do_sample, temperature, top_k, top_p, generator)
+        if eos_token_id is not None:
+            token = token.masked_fill(finished, pad_token_id)
+        if output_logits:
+            all_logits.append(logits)
+        sequences = torch.cat([sequences, token[:, None]], dim=1)
+        if streamer is not None:
+            streamer(token)
+        if eos_token_id is not None:
+            finished |= token == eos_token_id
+            if bool(finished.all()):
+                break
+        if step == max_new_tokens - 1:
+            break
+        if attention_mask is not None:
+            next_pos = attention_mask.sum(-1, keepdim=True)  # real tokens so far = the new one's position
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+            position_ids = torch.cat([position_ids, next_pos], dim=1)
+        if cache is not None:  # decode one token through the cache
+            step_pos = position_ids[:, -1:] if position_ids is not None else None
+            logits = stepper(token[:, None], cache, attention_mask, step_pos)
+        else:  # the reference: rerun the whole sequence
+            logits = stepper(sequences, None, attention_mask, position_ids)
+    model.train(was_training)
+    if output_logits:
+        V = logits.shape[-1]
+        stacked = torch.stack(all_logits, dim=1) if all_logits else logits.new_zeros(B, 0, V)
+        return GenerateOutput(sequences, stacked)
+    return sequences

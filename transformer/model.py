@@ -1,0 +1,170 @@
+"""``DecoderOnlyTransformer``: a GPT-style language model that can decode with a KV cache.
+
+Read top to bottom: a pre-norm ``Block`` (attention then MLP, each added to the residual
+stream), then the model (embeddings -> blocks -> final norm -> logits), then ``generate``.
+
+Two ways to run the same weights:
+
+* **uncached** (``cache=None``): the whole sequence in one pass with a causal mask.  This is
+  training, and it is the *reference* every cache is tested against.
+* **cached**: pass a ``kv_cache.Cache``.  Each layer appends the new tokens' keys/values to
+  the cache and attends over everything stored, so a decoding step processes one token.
+
+Shapes: ``input_ids`` ``(B, S)`` -> logits ``(B, S, vocab_size)`` (or the last
+``num_logits_to_keep`` positions only).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .attention import Attention
+from .config import ModelConfig
+from .layers import MLP, RotaryEmbedding, causal_mask, init_weights, make_norm
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+    With ``cross=True`` (encoder-decoder decoder blocks) a cross-attention sub-layer over the
+    encoder memory sits between the two.  Shape ``(B, S, d_model)`` in and out.
+    """
+
+    def __init__(self, config: ModelConfig, cross: bool = False):
+        super().__init__()
+        self.norm1 = make_norm(config)
+        self.attn = Attention(config)
+        self.cross = cross
+        if cross:
+            self.norm_cross = make_norm(config)
+            self.cross_attn = Attention(config, is_cross=True)
+        self.norm2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, *, mask=None, is_causal=False, rope=None, cache=None, layer_idx=0,
+                cache_position=None, memory=None, memory_mask=None, cross_cache=None):
+        x = x + self.attn(self.norm1(x), mask=mask, is_causal=is_causal, rope=rope, cache=cache,
+                          layer_idx=layer_idx, cache_position=cache_position)
+        if self.cross:
+            x = x + self.cross_attn(self.norm_cross(x), mask=memory_mask, cache=cross_cache,
+                                    layer_idx=layer_idx, memory=memory)
+        return x + self.mlp(self.norm2(x))
+
+
+class TokenDecoder(nn.Module):
+    """Embeddings, a stack of causal blocks and the output head: the part shared by the
+    decoder-only model and the decoder of the encoder-decoder model.
+    """
+
+    def __init__(self, config: ModelConfig, cross: bool = False):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if config.pos_encoding == "learned" else None
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta) if config.pos_encoding == "rope" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, cross=cross) for _ in range(config.n_layers))
+        self.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def forward(self, input_ids, *, cache=None, cache_position=None, attention_mask=None, position_ids=None,
+                num_logits_to_keep=0, memory=None, memory_mask=None, cross_cache=None):
+        B, S = input_ids.shape
+        past = cache.get_seq_length(0) if cache is not None else 0
+        # Cache slots of the new tokens: used by the causal mask (and by position_ids below).
+        slots = cache_position if cache_position is not None else torch.arange(past, past + S, device=input_ids.device)
+        if position_ids is None:
+            position_ids = slots.expand(B, S) if slots.dim() <= 1 else slots
+        x = self.tok_emb(input_ids)
+        rope = None
+        if self.pos_emb is not None:
+            max_pos = int(position_ids.max()) if S * B > 0 else 0
+            if max_pos >= self.config.max_seq_len:
+                raise ValueError(
+                    f"position {max_pos} is beyond max_seq_len={self.config.max_seq_len} of this model's "
+                    f"learned position table; shorten the input or generate fewer tokens")
+            x = x + self.pos_emb(position_ids)
+        else:
+            rope = self.rotary(position_ids)
+        x = self.drop(x)
+
+        mask, is_causal = None, False
+        kv_len = past + S if cache_position is None else max(past, int(slots.max()) + 1)
+        if attention_mask is None and cache_position is None and past == 0:
+            is_causal = True  # plain causal attention: lets SDPA use its fastest kernel
+        elif attention_mask is not None or S > 1 or cache_position is not None:
+            mask = causal_mask(slots, kv_len, attention_mask)
+        # else: one new token appended at the end, no padding: it may see every key.
+
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer_idx=i,
+                      cache_position=cache_position, memory=memory, memory_mask=memory_mask,
+                      cross_cache=cross_cache)
+        if num_logits_to_keep:
+            x = x[:, -num_logits_to_keep:]
+        return self.lm_head(self.norm_f(x))
+
+
+class DecoderOnlyTransformer(nn.Module):
+    """A GPT-style causal language model.
+
+    ``forward(input_ids, cache=None, cache_position=None, attention_mask=None,
+    position_ids=None, num_logits_to_keep=0) -> logits``
+
+    * ``input_ids``: ``(B, S)`` token ids.
+    * ``cache``: a ``kv_cache.Cache``; ``None`` runs the full prefix (the uncached reference).
+    * ``cache_position``: cache slots for the new tokens (``None`` = append after the cache).
+    * ``attention_mask``: ``(B, past + S)`` 1 for real tokens, 0 for padding (left padding).
+    * ``position_ids``: ``(B, S)`` positions fed to the position encoding (default: the slots).
+    * ``num_logits_to_keep``: compute logits for the last ``n`` positions only (0 = all).
+
+    Returns ``(B, S or n, vocab_size)`` logits.  Cost: about ``2 * n_params`` FLOPs per token
+    plus attention over the cached history.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.decoder = TokenDecoder(config)
+        init_weights(self, config.n_layers)
+
+    def forward(self, input_ids, cache=None, cache_position=None, attention_mask=None, position_ids=None,
+                num_logits_to_keep: int = 0):
+        return self.decoder(input_ids, cache=cache, cache_position=cache_position, attention_mask=attention_mask,
+                            position_ids=position_ids, num_logits_to_keep=num_logits_to_keep)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters (tied weights counted once)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.decoder.tok_emb.weight.numel()
+            if self.decoder.pos_emb is not None:
+                n -= self.decoder.pos_emb.weight.numel()
+        return n
+
+    def new_cache(self, kind: str = "dynamic", batch_size: int = 1, max_cache_len: Optional[int] = None,
+                  layout: str = "bhsd"):
+        """Make an empty cache shaped for this model (``kind`` = ``"dynamic"`` or ``"static"``).
+
+        A static cache needs ``max_cache_len`` (prompt + new tokens).  dtype/device follow the
+        model's parameters.
+        """
+        from .generation import make_cache
+        return make_cache(self.config, kind, batch_size, max_cache_len, layout, self.decoder.lm_head.weight)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs):
+        """Continue ``input_ids`` ``(B, P)`` by up to ``max_new_tokens`` tokens.
+
+        Returns a ``LongTensor`` ``(B, P + n)`` (prompt included).  See
+        :func:`transformer.generation.generate` for every option (``use_cache``,
+        ``cache_implementation``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+        ``eos_token_id``, ``generator``, ``attention_mask``...).
+        """
+        from .generation import generate
+        return generate(self, input_ids, max_new_tokens, **kwargs)
