@@ -130,6 +130,8 @@ def plan_write(cache_position: Optional[Union[Tensor, int]], batch: int, seq: in
             raise ValueError(f"cache_position must be >= 0, got minimum {lo}")
         if hi - lo + 1 == seq and torch.equal(pos, torch.arange(lo, lo + seq, device=pos.device)):
             return WritePlan(start=lo, end=hi + 1)  # contiguous: a plain slice copy
+        if torch.unique(pos).numel() != seq:
+            raise ValueError(f"cache_position has duplicate positions {pos.tolist()}; each new token needs its own slot")
         return WritePlan(positions=pos, end=hi + 1)
     if pos.dim() == 2:
         if tuple(pos.shape) != (batch, seq):
@@ -137,6 +139,8 @@ def plan_write(cache_position: Optional[Union[Tensor, int]], batch: int, seq: in
         lo, hi = int(pos.min()), int(pos.max())
         if lo < 0:
             raise ValueError(f"cache_position must be >= 0, got minimum {lo}")
+        if seq > 1 and bool((pos.sort(dim=1).values.diff(dim=1) == 0).any()):
+            raise ValueError("2-D cache_position has a duplicate position within a row; each new token needs its own slot")
         return WritePlan(row_positions=pos, end=hi + 1)
     raise ValueError(f"cache_position must be 0-D, 1-D or 2-D, got {pos.dim()}-D")
 

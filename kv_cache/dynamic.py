@@ -80,7 +80,9 @@ class DynamicKVCache(BufferedCache):
 
     def _rebatch(self, fn, new_batch):
         for l in range(len(self.keys)):
-            if self.keys[l] is None:
+            if self.keys[l] is None or self._lengths[l] == 0:
+                # An empty layer may still hold rows of an older batch (the batch can change once
+                # every layer is empty); nothing is visible, and its next write re-sizes it.
                 continue
             for store in (self.keys, self.values):
                 used = store[l].narrow(0, 0, self._batch)
