@@ -62,6 +62,13 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
+    def project_qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention queries, keys, values of ``x`` ``(B, S, d_model)`` from one fused matmul:
+        ``(B, S, H, D)``, ``(B, S, H_kv, D)``, ``(B, S, H_kv, D)`` (before RoPE)."""
+        B, S, _ = x.shape
+        return self.qkv_proj(x).view(B, S, self.n_heads + 2 * self.n_kv_heads, self.head_dim).split(
+            [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
+
     def project_kv(self, memory: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys/values of the encoder output: ``(B, S_src, H_kv, D)`` each."""
         B, S, _ = memory.shape
@@ -98,8 +105,7 @@ class Attention(nn.Module):
             q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
             k, v = self._cross_kv(memory, cache, layer_idx)
         else:
-            q, k, v = self.qkv_proj(x).view(B, S, self.n_heads + 2 * self.n_kv_heads, self.head_dim).split(
-                [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
+            q, k, v = self.project_qkv(x)
             if rope is not None:
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             if cache is None:

@@ -104,12 +104,19 @@ class EncoderDecoderTransformer(nn.Module):
     def new_cache(self, kind: str = "dynamic", batch_size: int = 1, max_cache_len: Optional[int] = None,
                   layout: str = "bhsd", src_len: Optional[int] = None):
         """An empty ``EncoderDecoderCache`` for this model (static needs both lengths)."""
-        from kv_cache import EncoderDecoderCache
+        from kv_cache import DynamicKVCache, EncoderDecoderCache
         from .generation import make_cache
         w = self.decoder.lm_head.weight
         self_cache = make_cache(self.config, kind, batch_size, max_cache_len, layout, w)
-        cross_cache = make_cache(self.config, kind, batch_size, src_len, layout, w)
+        if kind == "dynamic":  # written once, so allocate exactly the source length
+            cross_cache = DynamicKVCache(layout=layout, initial_capacity=1)
+        else:
+            cross_cache = make_cache(self.config, kind, batch_size, src_len, layout, w)
         return EncoderDecoderCache(self_cache, cross_cache)
+
+    def num_parameters(self) -> int:
+        """Number of parameters (tied weights counted once)."""
+        return sum(p.numel() for p in self.parameters())
 
     @torch.no_grad()
     def generate(self, src: torch.Tensor, max_new_tokens: int, decoder_input_ids: Optional[torch.Tensor] = None,

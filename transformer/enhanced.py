@@ -91,7 +91,11 @@ class EnhancedTransformer(EncoderDecoderTransformer):
         ``max_length`` counts the BOS token, so at most ``max_length - 1`` tokens are produced.
         ``use_cache=True`` uses ``self.kv_cache`` if :meth:`enable_cache` was called (else a
         temporary dynamic cache); ``False`` re-runs the decoder over the whole prefix per step.
-        ``do_sample`` defaults to ``temperature > 0``; ``temperature=0`` is greedy.
+        ``do_sample`` defaults to ``temperature > 0``; ``temperature=0`` is greedy.  Note the
+        tutorial conventions: ``max_length`` counts BOS, and sampling is the default, unlike
+        :meth:`EncoderDecoderTransformer.generate` (``max_new_tokens``, greedy by default).
+        Other keyword arguments (``output_logits``, ``streamer``, ``cache_implementation``...)
+        go to :func:`transformer.generation.generate`.
         """
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be an int >= 1 (it counts the BOS token), got {max_length!r}")
