@@ -133,6 +133,13 @@ class DecoderOnlyTransformer(nn.Module):
         self.decoder = TokenDecoder(config)
         init_weights(self, config.n_layers)
 
+    @classmethod
+    def from_pretrained_gpt2(cls, path, device="cpu", dtype=torch.float32) -> "DecoderOnlyTransformer":
+        """Load a Hugging Face GPT-2 folder (``config.json`` + ``model.safetensors`` or
+        ``pytorch_model.bin``) without ``transformers``; eval mode.  See :mod:`transformer.gpt2`."""
+        from .gpt2 import load_gpt2_model
+        return load_gpt2_model(path, device=device, dtype=dtype)
+
     def forward(self, input_ids, cache=None, cache_position=None, attention_mask=None, position_ids=None,
                 num_logits_to_keep: int = 0):
         return self.decoder(input_ids, cache=cache, cache_position=cache_position, attention_mask=attention_mask,
