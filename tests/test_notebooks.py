@@ -42,6 +42,10 @@ EXPECTED = {
         "PROJECTION COUNTS CHECK PASSED",
         "EQUIVALENCE CHECK PASSED",
     ], 0),
+    "05_speculative_decoding": ([
+        "identical to target.generate: True",
+        "identical to looper.generate: True",
+    ], 2),
 }
 
 
