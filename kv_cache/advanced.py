@@ -1,0 +1,483 @@
+"""``AdvancedKVCache``: one paged KV memory pool shared by many sequences, with eviction and
+prefix sharing.
+
+Picture a server answering many requests at once.  Each request (a *sequence*, named by any
+hashable ``sequence_id``) needs, for every layer, the keys and values of all its tokens.  This
+manager keeps them all in one :class:`~kv_cache.paged.BlockPool` under a hard memory budget:
+
+* **per-sequence block tables** -- a sequence owns a list of block ids, shared by all layers;
+  a write appends tokens to one layer, taking a new block from the free list only when the
+  sequence crosses a block boundary (``set_cache`` / ``append_and_gather``);
+* **eviction** -- when no block is free, :class:`~kv_cache.cache_config.EvictionPolicy` decides:
+  raise (``NONE``), drop whole sequences (``LRU``, ``ADAPTIVE``) or drop blocks that fell out
+  of a sequence's window (``SLIDING_WINDOW``).  Sequences pinned by an active
+  :class:`~kv_cache.paged_view.PagedCacheView` are never touched;
+* **prefix sharing** -- ``add_sequence(id, token_ids)`` finds the longest run of *full* blocks
+  already computed for the same leading tokens (by chained hash, as in vLLM) and points the
+  new sequence at them: the caller prefills only the rest.  ``fork_sequence`` shares every
+  block of a sequence (beam search, parallel sampling).  Shared blocks are copied on the
+  first write (copy on write), so no sequence can change another's tokens.
+
+Tensor shapes: one sequence, one layer, ``T`` new tokens: ``key``/``value`` are ``(T,
+num_kv_heads, head_dim)``, or ``(T, num_kv_heads * head_dim)`` (= ``(T, embed_dim)`` without
+GQA; reads then come back flat too).  Batched calls take ``(B, T, H_kv, D)`` and return ``(B,
+L, H_kv, D)``.  Costs: a write copies the ``T`` new tokens (plus one block per copy on
+write); a read gathers the ``L`` stored tokens (one ``index_select``); allocation and
+eviction are O(1) per block plus O(sequences) to pick a victim.
+
+Where each part lives: blocks, free list, reference counts and block tables in
+:mod:`kv_cache.paged`; hashing and matching prefixes in :mod:`kv_cache.prefix_cache`; what each
+policy evicts in :mod:`kv_cache.eviction`; counters and the statistics dictionary in
+:mod:`kv_cache.pool_stats`.  This file ties them together: the sequences' life cycle, writes
+and reads.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple
+
+import torch
+
+from .cache_config import CacheConfig, check_kv_write
+from .eviction import EvictionMixin
+from .paged import BlockPool, SequenceState
+from .pool_stats import CacheCounters, global_stats, usage
+from .prefix_cache import match_cached_blocks, register_full_blocks, token_list
+from .static import CacheCapacityError
+
+Tensor = torch.Tensor
+
+
+class UnknownSequenceError(KeyError):
+    """An operation named a ``sequence_id`` the manager does not hold (a ``KeyError``)."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
+class AdvancedKVCache(EvictionMixin):
+    """A paged, budgeted, shared KV store for many sequences and all layers.  See the module doc.
+
+    Args:
+        config: a :class:`~kv_cache.cache_config.CacheConfig`.  ``config.eviction_policy`` and
+            ``config.sliding_window_size`` may be changed later (validated at the next use);
+            the sizes are fixed at construction.
+
+    Example::
+
+        cache = AdvancedKVCache(CacheConfig(max_batch_size=8, max_sequence_length=256, embed_dim=64,
+                                            num_heads=4, num_layers=2, memory_limit_mb=1))
+        cache.set_cache(0, "req-1", torch.randn(5, 4, 16), torch.randn(5, 4, 16))
+        k, v = cache.get_cache(0, "req-1")          # (5, 4, 16) each: exactly what was stored
+        cache.get_cache(0, "req-2") is None          # a miss
+    """
+
+    def __init__(self, config: CacheConfig):
+        if not isinstance(config, CacheConfig):
+            raise TypeError(f"config must be a CacheConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        self.pool = BlockPool(num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
+                              head_dim=config.head_dim, block_size=config.block_size, max_blocks=config.max_blocks,
+                              dtype=config.dtype, device=config.device, preallocate=config.preallocate_memory)
+        self.device = self.pool.device
+        self._offsets = torch.arange(config.block_size, device=self.device)
+        self._seqs: Dict[Hashable, SequenceState] = {}
+        self._retired: set = set()  # ids cleared or evicted: reads miss, clear_sequence returns False
+        self._clock = 0
+        #: the most recent evictions: ``(kind, sequence_id, blocks)``, kind "sequence" or "window"
+        self.eviction_log: deque = deque(maxlen=1000)
+        self.counters = CacheCounters(config.num_layers)
+
+    # ------------------------------------------------------------------ lookup helpers
+    def _tick(self, seq: SequenceState) -> None:
+        self._clock += 1
+        seq.last_use = self._clock
+
+    def _seq(self, sequence_id) -> SequenceState:
+        seq = self._seqs.get(sequence_id)
+        if seq is None:
+            why = "it was cleared or evicted" if sequence_id in self._retired else "it was never added"
+            raise UnknownSequenceError(f"sequence_id={sequence_id!r} is not held by this cache ({why}); "
+                                       f"held: {self._preview_ids()}")
+        return seq
+
+    def _preview_ids(self) -> str:
+        ids = list(self._seqs)
+        return repr(ids[:8])[:-1] + (", ...]" if len(ids) > 8 else "]")
+
+    def _check_layer(self, layer_id) -> None:
+        n = self.config.num_layers
+        if isinstance(layer_id, bool) or not isinstance(layer_id, int) or not 0 <= layer_id < n:
+            raise IndexError(f"layer_id={layer_id!r} is out of range: num_layers={n} (valid 0..{n - 1})")
+
+    def __contains__(self, sequence_id) -> bool:
+        return sequence_id in self._seqs
+
+    def __len__(self) -> int:
+        """Number of sequences held."""
+        return len(self._seqs)
+
+    def __bool__(self) -> bool:  # ``if self.kv_cache:`` means "is there a cache", even an empty one
+        return True
+
+    @property
+    def sequence_ids(self) -> List[Hashable]:
+        """Ids of the sequences held now, oldest first."""
+        return list(self._seqs)
+
+    def sequence_length(self, sequence_id, layer_id: Optional[int] = None) -> int:
+        """Tokens written to ``sequence_id`` (in ``layer_id``, or the most of any layer)."""
+        seq = self._seq(sequence_id)
+        if layer_id is None:
+            return seq.length
+        self._check_layer(layer_id)
+        return seq.lengths[layer_id]
+
+    def block_table(self, sequence_id) -> List[Optional[int]]:
+        """A copy of the sequence's block table (``None`` = block dropped by the window)."""
+        return list(self._seq(sequence_id).blocks)
+
+    def sequence_info(self, sequence_id) -> dict:
+        """What the eviction policies look at: ``length``, ``start`` (first token still held),
+        ``blocks`` (held), ``hits``, ``last_use`` (logical clock), ``pinned``."""
+        s = self._seq(sequence_id)
+        return dict(length=s.length, start=s.dropped * self.config.block_size, hits=s.hits, last_use=s.last_use,
+                    blocks=s.blocks_held, pinned=s.pins > 0, token_ids=len(s.token_ids))
+
+    # ------------------------------------------------------------------ sequences
+    def add_sequence(self, sequence_id, token_ids: Optional[Sequence[int]] = None) -> int:
+        """Start a sequence; return how many of its first ``token_ids`` are already cached.
+
+        With ``token_ids`` (the prompt) and prefix caching on, the new sequence points at the
+        cached full blocks of the longest matching prefix (no copy) and its length is set to
+        the number returned -- at most ``len(token_ids) - 1``, so at least one token is left
+        to prefill (its logits are needed).  Write the keys/values of ``token_ids[n:]`` next.
+        With ``use_memory_pool=False`` the sequence reserves ``max_sequence_length`` tokens now.
+        Raises ``ValueError`` if the id is already held.
+        """
+        if sequence_id in self._seqs:
+            raise ValueError(f"sequence_id={sequence_id!r} already exists; clear_sequence it first or pick a new id")
+        ids = token_list(token_ids) if token_ids is not None else []
+        self._make_slot(protect=())
+        cfg, bs = self.config, self.config.block_size
+        blocks, hashes = [], []
+        if not cfg.use_memory_pool:
+            self._ensure_free(cfg.blocks_per_max_sequence, protect=())
+            blocks = [self.pool.allocate() for _ in range(cfg.blocks_per_max_sequence)]
+        elif ids and cfg.enable_prefix_caching:
+            blocks, hashes = match_cached_blocks(self.pool, ids, bs)
+            for b in blocks:
+                self.pool.revive(b)
+        cached = min(len(blocks) * bs, max(len(ids) - 1, 0)) if cfg.use_memory_pool else 0
+        seq = SequenceState(blocks=blocks, lengths=[cached] * cfg.num_layers, token_ids=ids,
+                            hashes=hashes[: cached // bs])
+        self._seqs[sequence_id] = seq
+        self._retired.discard(sequence_id)
+        self._tick(seq)
+        if ids:
+            self.counters.prefix_queries += 1
+            self.counters.prefix_query_tokens += len(ids)
+            self.counters.prefix_hit_tokens += cached
+        return cached
+
+    def match_prefix(self, token_ids: Sequence[int]) -> int:
+        """Tokens at the start of ``token_ids`` whose keys/values are cached (whole blocks only).
+
+        Read-only: nothing is shared or counted.  ``add_sequence`` does the reuse.
+        Cost: one hash per full block until the first miss.
+        """
+        ids = token_list(token_ids)
+        if not (self.config.use_memory_pool and self.config.enable_prefix_caching):
+            return 0
+        return len(match_cached_blocks(self.pool, ids, self.config.block_size)[0]) * self.config.block_size
+
+    def append_token_ids(self, sequence_id, token_ids: Sequence[int]) -> None:
+        """Record more tokens of ``sequence_id`` (e.g. generated ones) so its full blocks can be
+        found by later prefix matches.  Blocks are indexed once their keys/values are written."""
+        seq = self._seq(sequence_id)
+        seq.token_ids.extend(token_list(token_ids))
+        self._register(seq)
+        self._tick(seq)
+
+    def fork_sequence(self, parent_id, child_id) -> None:
+        """Make ``child_id`` a copy of ``parent_id`` that shares all its blocks (no data copied).
+
+        The first write by either side into a shared block copies that block (copy on write).
+        Needs ``use_memory_pool=True``.  Cost: O(blocks) reference-count updates.
+        """
+        parent = self._seq(parent_id)
+        if not self.config.use_memory_pool:
+            raise ValueError("fork_sequence shares blocks and needs use_memory_pool=True; with per-sequence "
+                             "reservations (use_memory_pool=False) there is nothing to share")
+        if child_id in self._seqs:
+            raise ValueError(f"child_id={child_id!r} already exists; pick a new id")
+        self._make_slot(protect=(parent_id,))
+        for b in parent.blocks:
+            if b is not None:
+                self.pool.incref(b)
+        child = SequenceState(blocks=list(parent.blocks), lengths=list(parent.lengths),
+                              token_ids=list(parent.token_ids), hashes=list(parent.hashes), flat=parent.flat,
+                              dropped=parent.dropped)
+        self._seqs[child_id] = child
+        self._retired.discard(child_id)
+        self._tick(parent)
+        self._tick(child)
+
+    def crop_sequence(self, sequence_id, length: int) -> None:
+        """Keep the first ``length`` tokens of every layer (negative: drop that many from the end).
+
+        Blocks past the new end go back to the pool (a reservation keeps its blocks).  This is
+        the rollback speculative decoding needs.  Cost: O(freed blocks).
+        """
+        seq = self._seq(sequence_id)
+        if isinstance(length, bool) or not isinstance(length, int):
+            raise TypeError(f"length must be an int, got {type(length).__name__}")
+        keep = max(0, min(seq.length + length if length < 0 else length, seq.length))
+        start = seq.dropped * self.config.block_size
+        if keep < start:
+            raise ValueError(f"cannot crop sequence_id={sequence_id!r} to {keep} tokens: its tokens before {start} "
+                             f"were dropped by the sliding window")
+        seq.lengths = [min(n, keep) for n in seq.lengths]
+        if self.config.use_memory_pool:
+            n_blocks = -(-keep // self.config.block_size)
+            for b in seq.blocks[n_blocks:]:
+                if b is not None:
+                    self.pool.decref(b)
+            del seq.blocks[n_blocks:]
+        del seq.token_ids[keep:]
+        del seq.hashes[keep // self.config.block_size:]
+        self._tick(seq)
+
+    def clear_sequence(self, sequence_id) -> bool:
+        """Free ``sequence_id``'s blocks.  True if it was held; False if it was already cleared or
+        evicted; ``UnknownSequenceError`` if the id was never seen."""
+        if sequence_id not in self._seqs:
+            if sequence_id in self._retired:
+                return False
+            self._seq(sequence_id)  # raises with the message
+        self._free_sequence(sequence_id)
+        return True
+
+    def _free_sequence(self, sequence_id) -> int:
+        seq = self._seqs.pop(sequence_id)
+        freed = sum(self.pool.decref(b) for b in seq.blocks if b is not None)
+        self._retired.add(sequence_id)
+        return freed
+
+    def clear_all(self) -> None:
+        """Free every sequence and forget the prefix cache; the storage itself is kept."""
+        for sid in list(self._seqs):
+            self._free_sequence(sid)
+        self.pool.forget_cached_free()
+
+    def pin(self, sequence_id) -> None:
+        """Protect ``sequence_id`` from eviction (counted: ``unpin`` as often as ``pin``)."""
+        self._seq(sequence_id).pins += 1
+
+    def unpin(self, sequence_id) -> None:
+        """Undo one :meth:`pin` (ignored for a sequence no longer held)."""
+        seq = self._seqs.get(sequence_id)
+        if seq is not None and seq.pins > 0:
+            seq.pins -= 1
+
+    # ------------------------------------------------------------------ writes
+    def set_cache(self, layer_id: int, sequence_id, key: Tensor, value: Tensor) -> int:
+        """Append ``T`` tokens' ``key``/``value`` to ``sequence_id`` in ``layer_id``; return its new length.
+
+        Shapes: ``(T, num_kv_heads, head_dim)`` or ``(T, num_kv_heads * head_dim)``; dtype and
+        device of the config.  An id not held yet is added (as by ``add_sequence`` without token
+        ids).  May evict other sequences (or this one's out-of-window blocks) per the policy;
+        raises :class:`PoolExhaustedError` if the policy cannot make room (nothing is written
+        then) and :class:`CacheCapacityError` past ``max_sequence_length``.
+        """
+        self._check_layer(layer_id)
+        key, value, flat = check_kv_write(self.config, self.device, key, value, batched=False)
+        if sequence_id not in self._seqs:
+            self.add_sequence(sequence_id)
+        seq = self._seqs[sequence_id]
+        if seq.flat is not None and seq.flat != flat and seq.length:
+            raise ValueError(f"sequence_id={sequence_id!r} was written with {'flat' if seq.flat else '3-D'} tensors; "
+                             f"keep one format per sequence")
+        seq.flat = flat
+        self._append(sequence_id, seq, layer_id, key, value)
+        return seq.lengths[layer_id]
+
+    def _append(self, sid, seq: SequenceState, layer: int, key: Tensor, value: Tensor) -> None:
+        """Write ``key``/``value`` ``(T, H, D)`` after ``seq``'s last token of ``layer``."""
+        old, T, bs = seq.lengths[layer], key.shape[0], self.config.block_size
+        new = old + T
+        self._check_max_length(sid, seq, layer, T)
+        if T == 0:
+            return
+        first, last = old // bs, (new - 1) // bs
+        touched = range(first, min(last + 1, len(seq.blocks)))
+        self._ensure_free(self._blocks_needed(seq, layer, T), protect=(sid,))
+        for i in touched:  # shared blocks are copied before the write; indexed ones stop being indexed
+            b = seq.blocks[i]
+            if self.pool.ref_counts[b] > 1:
+                seq.blocks[i] = self.pool.copy_block(b)
+                self.pool.decref(b)
+            elif self.pool.block_hashes[b] is not None:
+                self.pool.unregister(b)
+        while len(seq.blocks) <= last:
+            seq.blocks.append(self.pool.allocate())
+        self.pool.write(layer, self._slots(seq, old, new), key, value)
+        seq.lengths[layer] = new
+        self._register(seq)
+        self._tick(seq)
+
+    def _check_max_length(self, sid, seq: SequenceState, layer: int, T: int) -> None:
+        old = seq.lengths[layer]
+        if old + T > self.config.max_sequence_length:
+            raise CacheCapacityError(
+                f"sequence_id={sid!r} layer {layer}: length {old} + {T} new tokens = {old + T} exceeds "
+                f"max_sequence_length={self.config.max_sequence_length}")
+
+    def _blocks_needed(self, seq: SequenceState, layer: int, T: int) -> int:
+        """Blocks a write of ``T`` tokens takes from the pool: new blocks + copies on write."""
+        if T == 0:
+            return 0
+        old, bs = seq.lengths[layer], self.config.block_size
+        first, last = old // bs, (old + T - 1) // bs
+        shared = sum(self.pool.ref_counts[seq.blocks[i]] > 1 for i in range(first, min(last + 1, len(seq.blocks))))
+        return max(0, last + 1 - len(seq.blocks)) + shared
+
+    def _slots(self, seq: SequenceState, start: int, end: int) -> Tensor:
+        """Storage slots of tokens ``start..end-1``: ``table[p // bs] * bs + p % bs``."""
+        bs = self.config.block_size
+        b0 = start // bs
+        table = torch.tensor(seq.blocks[b0:-(-end // bs)], dtype=torch.long, device=self.device)
+        slots = (table[:, None] * bs + self._offsets).flatten()
+        return slots[start - b0 * bs:end - b0 * bs]
+
+    def _register(self, seq: SequenceState) -> None:
+        if self.config.enable_prefix_caching and self.config.use_memory_pool:
+            register_full_blocks(self.pool, seq, self.config.block_size)
+
+    # ------------------------------------------------------------------ reads
+    def get_cache(self, layer_id: int, sequence_id, seq_len: Optional[int] = None) -> Optional[Tuple[Tensor, Tensor]]:
+        """The stored ``(keys, values)`` of ``sequence_id`` in ``layer_id``, or ``None`` (a miss).
+
+        ``seq_len=None``: every token still held (after sliding-window trimming, the newest
+        ones).  ``seq_len=n``: tokens ``0..n-1``, a hit only if all of them are held.  Shapes
+        ``(L, num_kv_heads, head_dim)`` or flat ``(L, num_kv_heads * head_dim)`` as written; a
+        new tensor (one gather).  Unknown, cleared and evicted ids all read as misses.
+        """
+        self._check_layer(layer_id)
+        if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
+            raise ValueError(f"seq_len must be None or a positive int, got {seq_len!r}")
+        seq = self._seqs.get(sequence_id)
+        start = seq.dropped * self.config.block_size if seq is not None else 0
+        end = (seq.lengths[layer_id] if seq_len is None else seq_len) if seq is not None else 0
+        if seq is None or end <= start or end > seq.lengths[layer_id] or (seq_len is not None and start > 0):
+            self.counters.lookup(layer_id, hit=False)
+            return None
+        self.counters.lookup(layer_id, hit=True)
+        seq.hits += 1
+        self._tick(seq)
+        k, v = self.pool.read(layer_id, self._slots(seq, start, end))
+        if seq.flat:
+            k, v = k.flatten(1), v.flatten(1)
+        return k, v
+
+    def append_and_gather(self, layer_id: int, sequence_ids: Sequence, key: Tensor, value: Tensor
+                          ) -> Tuple[Tensor, Tensor]:
+        """Batched write + read for attention: row ``i`` of ``key``/``value`` ``(B, T, H, D)`` is
+        appended to ``sequence_ids[i]``; returns every row's tokens ``(B, L, H, D)``.
+
+        Rows must end up with the same length ``L`` in this layer and hold all their tokens
+        (the batch is a rectangle; left padding is stored as ordinary, masked tokens).  Each
+        row counts as a hit if it held tokens before the call, else as a miss (a cold prefill).
+        Unknown ids are added.  Cost: ``B`` writes of ``T`` tokens + one gather of ``B * L``.
+        """
+        self._check_layer(layer_id)
+        key, value, _ = check_kv_write(self.config, self.device, key, value, batched=True)
+        if len(sequence_ids) != key.shape[0]:
+            raise ValueError(f"{len(sequence_ids)} sequence_ids for a batch of {key.shape[0]} rows")
+        if len(set(sequence_ids)) != len(sequence_ids):
+            raise ValueError(f"sequence_ids {list(sequence_ids)} repeat an id; fork_sequence to get distinct rows")
+        pinned = []
+        try:  # pin the rows so that making room for one row never evicts another
+            for sid in sequence_ids:
+                if sid not in self._seqs:
+                    self.add_sequence(sid)
+                self.pin(sid)
+                pinned.append(sid)
+                self._check_max_length(sid, self._seqs[sid], layer_id, key.shape[1])
+            # Make room for every row first, so that a full pool fails before any row is written.
+            self._ensure_free(sum(self._blocks_needed(self._seqs[sid], layer_id, key.shape[1])
+                                  for sid in sequence_ids), protect=())
+            for i, sid in enumerate(sequence_ids):
+                seq = self._seqs[sid]
+                warm = seq.lengths[layer_id] > 0
+                self.counters.lookup(layer_id, hit=warm)
+                seq.hits += warm
+                self._append(sid, seq, layer_id, key[i], value[i])
+        finally:
+            for sid in pinned:
+                self.unpin(sid)
+        return self.gather(layer_id, sequence_ids)
+
+    def gather(self, layer_id: int, sequence_ids: Sequence) -> Tuple[Tensor, Tensor]:
+        """``(keys, values)`` ``(B, L, H, D)`` of equally long, untrimmed sequences (no stats)."""
+        seqs = [self._seq(sid) for sid in sequence_ids]
+        lengths = [s.lengths[layer_id] for s in seqs]
+        if len(set(lengths)) > 1 or any(s.dropped for s in seqs):
+            raise ValueError(f"layer {layer_id}: sequences {list(sequence_ids)} hold {lengths} tokens (starting at "
+                             f"{[s.dropped * self.config.block_size for s in seqs]}); a batch needs equal, "
+                             f"complete lengths")
+        L = lengths[0] if lengths else 0
+        slots = torch.cat([self._slots(s, 0, L) for s in seqs]) if L else self._offsets[:0]
+        k, v = self.pool.read(layer_id, slots)
+        shape = (len(seqs), L, self.config.num_kv_heads, self.config.head_dim)
+        return k.view(shape), v.view(shape)
+
+    # ------------------------------------------------------------------ memory & stats
+    def optimize_memory(self) -> dict:
+        """Defragment: move the blocks in use to the front of the storage, forget cached free
+        blocks, and (unless preallocated) give the unused tail back to the allocator.
+
+        Returns ``{"blocks_moved", "bytes_before", "bytes_after", "bytes_released"}``.
+        Cost: one copy per moved block; block tables are rewritten in place.
+        """
+        before = self.pool.allocated_bytes
+        mapping = self.pool.defragment(shrink=True)
+        for seq in self._seqs.values():
+            seq.blocks = [None if b is None else mapping[b] for b in seq.blocks]
+        after = self.pool.allocated_bytes
+        return dict(blocks_moved=sum(o != n for o, n in mapping.items()), bytes_before=before, bytes_after=after,
+                    bytes_released=before - after)
+
+    def memory_bytes(self) -> int:
+        """Bytes of KV storage allocated now (never more than the budget)."""
+        return self.pool.allocated_bytes
+
+    def usage(self) -> dict:
+        """Physical occupancy: ``used_blocks``, ``filled_slots`` (a shared slot counted once),
+        ``reserved_slots`` and ``waste`` (reserved-but-unused fraction).  O(blocks held)."""
+        return usage(self._seqs.values(), self.pool, self.config.block_size)
+
+    def get_global_stats(self) -> dict:
+        """Everything a dashboard wants, as plain numbers (see :mod:`kv_cache.pool_stats`).
+
+        ``global_hit_rate`` = hits / (hits + misses) over ``get_cache`` and batched reads (a
+        batched row is a hit if it held tokens before the call); ``total_memory_mb`` = storage
+        allocated (MiB); ``used_memory_mb`` = blocks held; ``waste``; ``total_evictions`` =
+        ``sequences_evicted`` + ``blocks_trimmed`` (window); ``num_sequences``; ``tokens_stored``;
+        ``per_layer`` hit rates; ``memory_pool`` (``pool_hit_rate`` = fraction of block
+        allocations that recycled a freed block, ``grows``, ``cow_copies``, ``revived``...);
+        ``prefix_cache`` (``hit_tokens`` of ``query_tokens``).
+        """
+        return global_stats(self.counters, self._seqs, self.pool, self.config, self._policy().value)
+
+    def check_invariants(self) -> None:
+        """Assert the pool's book-keeping matches the block tables (for tests)."""
+        self.pool.check_invariants(seq.blocks for seq in self._seqs.values())
+
+    def __repr__(self) -> str:
+        return (f"AdvancedKVCache(sequences={len(self._seqs)}, "
+                f"used_blocks={self.pool.num_used}/{self.pool.max_blocks}, "
+                f"block_size={self.config.block_size}, policy={self._policy().value}, "
+                f"allocated={self.pool.allocated_bytes / 2**20:.2f} MiB of {self.config.memory_limit_mb} MiB)")
