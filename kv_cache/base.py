@@ -167,6 +167,23 @@ def write_into(buf: Tensor, new: Tensor, plan: WritePlan, layout: str) -> None:
             buf[rows, pos] = new.to(buf.dtype)
 
 
+def check_append(cache_position: Optional[Union[Tensor, int]], start: int, seq: int, who: str) -> None:
+    """For caches that can only append: ``cache_position`` must be ``None`` or ``start..start+seq-1``.
+
+    Windowed and quantized caches forget or compress old slots, so they cannot overwrite one or
+    leave a hole.  Raises a ``ValueError`` naming ``who`` and the positions expected.
+    Cost: one small comparison (a host read) when a tensor is given.
+    """
+    if cache_position is None:
+        return
+    pos = torch.as_tensor(cache_position).long().reshape(-1)
+    want = torch.arange(start, start + seq)
+    if pos.numel() != seq or not torch.equal(pos.cpu(), want):
+        raise ValueError(
+            f"{who} only appends: cache_position must be None or positions {start}..{start + seq - 1} "
+            f"(the next {seq} slot(s)), got {torch.as_tensor(cache_position).tolist()}")
+
+
 def as_index(indices: Union[Tensor, Sequence[int]], name: str, batch: int, device) -> Tensor:
     """Turn ``indices`` into a 1-D long tensor on ``device``, checking ``0 <= i < batch``."""
     idx = torch.as_tensor(indices, dtype=torch.long)
@@ -198,12 +215,64 @@ class Cache(ABC):
         from the end).  This is the rollback used by speculative decoding.
     ``reset()`` -> forget all tokens.
     ``memory_bytes()`` -> bytes of tensor storage currently allocated.
+    ``key_positions(layer_idx, in_cache=False)`` / ``retention_mask(q_pos, k_pos)`` -> for
+        caches that drop tokens (``is_lossless=False``): which keys the last update returned,
+        and which of them each new query may see (see "caches that drop tokens" below).
     """
 
     layout: str = "bhsd"
-    #: True if this cache keeps every token it was given (so the returned length equals the
-    #: number of tokens seen).  Windowed / evicting caches set it to False.
+    #: True if this cache keeps every token it was given, exactly, at slot = position (so the
+    #: returned length equals the number of tokens seen).  Caches that drop tokens (windows,
+    #: sinks, importance-based eviction) or approximate them (quantization) set it to False and
+    #: then describe what they returned through :meth:`key_positions` and :meth:`retention_mask`
+    #: (see "Caches that drop tokens" below).
     is_lossless: bool = True
+    #: StreamingLLM's positions (Xiao et al. 2023, section 3.3).  False (default): a rotary model
+    #: rotates keys at their absolute position *before* ``update``.  True: the cache wants keys
+    #: *before* rotation; attention rotates each returned key by its position inside the cache,
+    #: ``key_positions(layer_idx, in_cache=True)``, and the ``S`` new queries by ``n - S .. n - 1``
+    #: (``n`` keys returned; new tokens are always the newest).  Positions then never exceed the
+    #: cache size, however long the stream.
+    positions_in_cache: bool = False
+
+    # ------------------------------------------------------------------ caches that drop tokens
+    # A lossless cache returns keys 0..n-1 in order, so a model builds its causal mask from
+    # ``arange(n)``.  A cache that drops tokens returns some subset, maybe in ring order, and the
+    # model must learn which: it asks *after* ``update`` (the subset depends on the update).
+    # Contract: ``update`` returns every stored key that at least one of the new queries may see
+    # (plus the new ones), and after a one-token update every returned key is visible to that
+    # token -- so a decoding step needs no mask at all.
+
+    def key_positions(self, layer_idx: int, in_cache: bool = False) -> Tensor:
+        """Positions of the keys the last ``update`` of ``layer_idx`` returned, in returned order.
+
+        ``in_cache=False``: absolute positions (token slots, what ``cache_position`` counts) --
+        the model builds its attention mask from them.  ``in_cache=True``: rank of each key
+        among the returned keys, oldest 0 (StreamingLLM's positions, used when
+        :attr:`positions_in_cache`).  Shape ``(n,)`` shared by every batch row (a cache whose
+        rows or heads keep different tokens may return ``(B, n)`` or ``(B, H, n)``).
+        Default, for lossless caches: ``arange(n)`` for both.  Cost: ``O(n)`` integers.
+        """
+        if not self.is_lossless:
+            raise NotImplementedError(
+                f"{type(self).__name__} drops or approximates tokens (is_lossless=False) but does not "
+                f"implement key_positions(); a model cannot know which keys it returned")
+        stored = self.get(layer_idx)
+        n = 0 if stored is None else stored[0].shape[seq_dim(self.layout)]
+        device = torch.device("cpu") if stored is None else stored[0].device
+        return torch.arange(n, device=device)
+
+    def retention_mask(self, query_positions: Tensor, key_positions: Tensor) -> Optional[Tensor]:
+        """Which returned keys the cache's *policy* lets each new query see, or ``None`` (all).
+
+        ``query_positions`` ``(S,)`` or ``(B, S)`` and ``key_positions`` ``(n,)`` or ``(B, n)``
+        are absolute positions; the result is boolean ``(..., S, n)``, True where the cache, had
+        it processed the queries one at a time, would still hold the key when the query comes.
+        A model ANDs it with its causal / padding / sliding-window mask, which makes a
+        multi-token update (a long prompt) attend exactly as token-by-token decoding would.
+        Default ``None``: no restriction beyond causality.
+        """
+        return None
 
     @abstractmethod
     def update(self, key: Tensor, value: Tensor, layer_idx: int,

@@ -42,10 +42,22 @@ EXPECTED = {
         "PROJECTION COUNTS CHECK PASSED",
         "EQUIVALENCE CHECK PASSED",
     ], 0),
+    "04_long_context_caches": ([
+        "LinearKVCache ends with the 12 most important tokens: True",
+        "sliding window cache == uncached windowed model: True",
+        "LONG CONTEXT CHECKS PASSED",
+    ], 3),
     "05_speculative_decoding": ([
         "identical to target.generate: True",
         "identical to looper.generate: True",
     ], 2),
+    "06_paged_memory_manager": ([
+        "PREFIX SHARING CHECK PASSED",
+        "EVICTION CHECK PASSED",
+        "same tokens: True",
+        "PAGED GENERATION CHECK PASSED",
+        "PAGING SAVES MEMORY: True",
+    ], 7),
 }
 
 

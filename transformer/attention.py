@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .layers import apply_rotary
+from .layers import DeferredMask, Linear, apply_rotary
 
 
 def _to_bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -54,11 +54,11 @@ class Attention(nn.Module):
         self.is_cross = is_cross
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         if is_cross:
-            self.q_proj = nn.Linear(config.d_model, q_dim, bias=config.bias)
-            self.kv_proj = nn.Linear(config.d_model, 2 * kv_dim, bias=config.bias)
+            self.q_proj = Linear(config.d_model, q_dim, bias=config.bias)
+            self.kv_proj = Linear(config.d_model, 2 * kv_dim, bias=config.bias)
         else:
-            self.qkv_proj = nn.Linear(config.d_model, q_dim + 2 * kv_dim, bias=config.bias)
-        self.out_proj = nn.Linear(q_dim, config.d_model, bias=config.bias)
+            self.qkv_proj = Linear(config.d_model, q_dim + 2 * kv_dim, bias=config.bias)
+        self.out_proj = Linear(q_dim, config.d_model, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -91,9 +91,13 @@ class Attention(nn.Module):
 
         Args:
             x: ``(B, S, d_model)`` queries' input.
-            mask: boolean ``(B or 1, 1, S, kv_len)``, ``True`` = may attend; or ``None``.
+            mask: boolean ``(B or 1, 1, S, kv_len)``, ``True`` = may attend; or ``None``; or a
+                :class:`~transformer.layers.DeferredMask`, built after the cache update (caches
+                that drop tokens say only then which keys they returned).
             is_causal: use the built-in causal mask (only valid when no cache history exists).
             rope: ``(cos, sin)`` from :class:`~transformer.layers.RotaryEmbedding`, or ``None``.
+                With a cache whose ``positions_in_cache`` is set (StreamingLLM), ``rope`` is the
+                table of positions ``0..L-1`` and keys are rotated *after* the update.
             cache: self-attention: a ``kv_cache.Cache``; cross-attention: an
                 ``EncoderDecoderCache`` (its cross half is filled once, then reused).
             layer_idx: which layer of the cache this module owns.
@@ -106,7 +110,8 @@ class Attention(nn.Module):
             k, v = self._cross_kv(memory, cache, layer_idx)
         else:
             q, k, v = self.project_qkv(x)
-            if rope is not None:
+            rotate_after = rope is not None and cache is not None and getattr(cache, "positions_in_cache", False)
+            if rope is not None and not rotate_after:
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             if cache is None:
                 k, v = k.transpose(1, 2), v.transpose(1, 2)
@@ -114,12 +119,29 @@ class Attention(nn.Module):
                 layout = cache.layout
                 k, v = cache.update(_from_bshd(k, layout), _from_bshd(v, layout), layer_idx, cache_position)
                 k, v = _to_bhsd(k, layout), _to_bhsd(v, layout)
+                if rotate_after:
+                    q, k = self._rotate_in_cache(q, k, rope, cache, layer_idx)
+            if isinstance(mask, DeferredMask):
+                mask = mask.build(cache, layer_idx)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal and mask is None,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, H, S, D)
         y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
         return self.resid_dropout(self.out_proj(y))
+
+    @staticmethod
+    def _rotate_in_cache(q, k, rope, cache, layer_idx):
+        """StreamingLLM's positions: rotate the ``n`` returned keys ``(B, H_kv, n, D)`` by their
+        position inside the cache and the ``S`` queries ``(B, S, H, D)`` by ``n - S .. n - 1``.
+        ``rope`` holds the angles of positions ``0..L-1``.  Cost: one rotation of ``n`` keys."""
+        cos, sin = rope  # (1, L, 1, D/2)
+        n, S = k.shape[2], q.shape[1]
+        where = cache.key_positions(layer_idx, in_cache=True)
+        # (n, D/2) angles broadcast over (B, H_kv, n, D): rotating in place of layout, no transposes
+        k = apply_rotary(k, cos[0, :, 0][where], sin[0, :, 0][where])
+        q = apply_rotary(q, cos[:, n - S:n], sin[:, n - S:n])
+        return q, k
 
     def _cross_kv(self, memory, cache, layer_idx):
         """Keys/values of the encoder output in ``(B, H_kv, S_src, D)``: projected or cached."""

@@ -34,6 +34,10 @@ class ModelConfig:
             table; RoPE has no table but generation still refuses longer prompts).
         pos_encoding: ``"learned"`` (GPT-2 style absolute embeddings) or ``"rope"`` (rotary).
         rope_theta: RoPE base frequency.
+        sliding_window: if set, each token attends to the ``sliding_window`` most recent
+            positions only (itself included), in training and uncached runs too (Mistral-style
+            sliding-window attention).  ``kv_cache.SlidingWindowKVCache(sliding_window)`` is
+            then exact.  ``None`` (default): full causal attention.
         dropout: dropout probability on attention weights and residual branches (training only).
         bias: whether linear layers and norms have biases.
         norm: ``"layernorm"`` or ``"rmsnorm"``; ``norm_eps`` its epsilon.
@@ -52,6 +56,7 @@ class ModelConfig:
     max_seq_len: int = 256
     pos_encoding: str = "learned"
     rope_theta: float = 10000.0
+    sliding_window: Optional[int] = None
     dropout: float = 0.0
     bias: bool = True
     norm: str = "layernorm"
@@ -92,6 +97,9 @@ class ModelConfig:
                 f"ModelConfig.n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads} "
                 f"(each key/value head serves a whole group of query heads)"
             )
+        sw = self.sliding_window
+        if sw is not None and (not isinstance(sw, int) or isinstance(sw, bool) or sw < 1):
+            raise ValueError(f"ModelConfig.sliding_window must be None or a positive int, got {sw!r}")
         if self.pos_encoding not in POS_ENCODINGS:
             raise ValueError(f"ModelConfig.pos_encoding={self.pos_encoding!r}; expected one of {POS_ENCODINGS}")
         if self.pos_encoding == "rope" and self.head_dim % 2:

@@ -27,7 +27,11 @@ from kv_cache import Cache
 from .config import ModelConfig
 from .sampling import sample_next_token, validate_sampling_args
 
-CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+CACHE_IMPLEMENTATIONS = ("dynamic", "static", "sliding_window", "sinks", "quantized")
+#: ``cache_config`` keys each long-context cache accepts (see :func:`make_cache` for defaults).
+CACHE_CONFIG_KEYS = {"dynamic": (), "static": (), "sliding_window": ("window",),
+                     "sinks": ("num_sink_tokens", "window"),
+                     "quantized": ("nbits", "group_size", "residual_length")}
 _UNSET = object()
 
 
@@ -44,14 +48,39 @@ class GenerateOutput:
 
 
 def make_cache(config: ModelConfig, kind: str, batch_size: int, max_cache_len: Optional[int],
-               layout: str = "bhsd", like: Optional[torch.Tensor] = None) -> Cache:
-    """Build an empty ``"dynamic"`` or ``"static"`` cache shaped for ``config``.
+               layout: str = "bhsd", like: Optional[torch.Tensor] = None, **cache_config) -> Cache:
+    """Build an empty cache of ``kind`` (one of :data:`CACHE_IMPLEMENTATIONS`) shaped for ``config``.
 
     ``like`` (a parameter of the model) gives the dtype and device.  A static cache
     preallocates ``n_layers * 2 * batch_size * n_kv_heads * max_cache_len * head_dim`` elements.
+    The long-context caches take ``cache_config`` keys (anything else is an error):
+
+    * ``"sliding_window"``: ``window`` (default ``config.sliding_window``, else ``max_seq_len``);
+    * ``"sinks"``: ``num_sink_tokens`` (default 4) and ``window`` (default ``max_seq_len -
+      num_sink_tokens``: the cache then never spans more positions than the model was trained on);
+    * ``"quantized"``: ``nbits`` (8; or 4, 2), ``group_size`` (32 if it divides ``head_dim``,
+      else ``head_dim``), ``residual_length`` (32 most recent tokens kept in full precision).
     """
     dtype = like.dtype if like is not None else torch.float32
     device = like.device if like is not None else None
+    if kind in CACHE_CONFIG_KEYS:
+        unknown = sorted(set(cache_config) - set(CACHE_CONFIG_KEYS[kind]))
+        if unknown:
+            raise ValueError(f"cache_config keys {unknown} are not used by cache_implementation={kind!r}; "
+                             f"it accepts {list(CACHE_CONFIG_KEYS[kind]) or 'none'}")
+    if kind in ("sliding_window", "sinks", "quantized") and layout != "bhsd":
+        raise ValueError(f"cache_implementation={kind!r} stores the 'bhsd' layout only, got layout={layout!r}")
+    if kind == "sliding_window":
+        return kv_cache.SlidingWindowKVCache(cache_config.get("window", config.sliding_window or config.max_seq_len))
+    if kind == "sinks":
+        sinks = cache_config.get("num_sink_tokens", 4)
+        default_window = (config.sliding_window or config.max_seq_len) - (sinks if isinstance(sinks, int) else 0)
+        return kv_cache.SinkKVCache(sinks, cache_config.get("window", default_window))
+    if kind == "quantized":
+        hd = config.head_dim
+        return kv_cache.QuantizedKVCache(nbits=cache_config.get("nbits", 8),
+                                         group_size=cache_config.get("group_size", 32 if hd % 32 == 0 else hd),
+                                         residual_length=cache_config.get("residual_length", 32))
     if kind == "dynamic":
         return kv_cache.DynamicKVCache(layout=layout)
     if kind == "static":
@@ -111,8 +140,10 @@ def _check_inputs(config: ModelConfig, input_ids, max_new_tokens, attention_mask
             raise ValueError("every row of attention_mask needs at least one real (1) token")
 
 
-def _resolve_cache(model, stepper, cache_implementation, batch, max_len, src):
+def _resolve_cache(model, stepper, cache_implementation, batch, max_len, src, cache_config=None):
     """Turn ``cache_implementation`` (a name or a Cache object) into an empty cache."""
+    if cache_config and isinstance(cache_implementation, Cache):
+        raise ValueError("cache_config configures a cache built by name; it cannot change the cache object passed")
     if isinstance(cache_implementation, Cache):
         cache = cache_implementation
         if cache.get_seq_length(0) != 0:
@@ -121,8 +152,11 @@ def _resolve_cache(model, stepper, cache_implementation, batch, max_len, src):
             raise ValueError("the encoder-decoder model needs an EncoderDecoderCache")
         return cache
     if stepper.is_seq2seq:
+        if cache_config or cache_implementation in ("sliding_window", "sinks", "quantized"):
+            raise ValueError(f"cache_implementation={cache_implementation!r} / cache_config are for the decoder-only "
+                             f"model; the encoder-decoder model takes 'dynamic' or 'static'")
         return model.new_cache(cache_implementation, batch, max_len, src_len=src.shape[1])
-    return model.new_cache(cache_implementation, batch, max_len)
+    return model.new_cache(cache_implementation, batch, max_len, **(cache_config or {}))
 
 
 @torch.no_grad()
@@ -133,6 +167,7 @@ def generate(
     *,
     use_cache: bool = True,
     cache_implementation: Union[str, Cache] = "dynamic",
+    cache_config: Optional[dict] = None,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: Optional[int] = None,
@@ -145,13 +180,19 @@ def generate(
     streamer: Optional[Callable[[torch.Tensor], None]] = None,
     src: Optional[torch.Tensor] = None,
     src_mask: Optional[torch.Tensor] = None,
+    fast: bool = False,
+    compile: bool = False,
 ):
     """Generate up to ``max_new_tokens`` tokens after ``input_ids`` ``(B, P)``.
 
     Args:
         use_cache: decode with a KV cache (default) or recompute the whole prefix each step.
         cache_implementation: ``"dynamic"``, ``"static"`` (preallocated for ``P +
-            max_new_tokens``) or an empty ``kv_cache.Cache`` object to fill.
+            max_new_tokens``), the long-context caches ``"sliding_window"``, ``"sinks"``
+            (StreamingLLM) and ``"quantized"``, or an empty ``kv_cache.Cache`` object to fill.
+        cache_config: options of a cache built by name, e.g. ``{"window": 252,
+            "num_sink_tokens": 4}`` or ``{"nbits": 4}``; see :func:`make_cache` for the keys
+            and defaults.
         do_sample: sample (``True``) or take the argmax (``False``, greedy).
         temperature, top_k, top_p: applied in that order when sampling (see
             :mod:`transformer.sampling`); ``temperature=0`` is greedy.
@@ -163,6 +204,12 @@ def generate(
         output_logits: also return the logits of every step (:class:`GenerateOutput`).
         streamer: called with each new ``(B,)`` token tensor as soon as it is chosen.
         src, src_mask: the source of the encoder-decoder model.
+        fast: decode with :class:`~transformer.fast_decode.FastDecoder`: a fixed-shape static
+            cache and a step with no host sync (sampling on the device, EOS checked every 16
+            steps, a ``streamer`` called in bursts); on CUDA the step is replayed as a CUDA
+            graph.  Same tokens at temperature 0; decoder-only; no ``output_logits``.
+        compile: ``fast`` plus ``torch.compile`` of the step (the first call of each batch size,
+            length bucket and sampling setting compiles: seconds to a minute).
 
     Returns ``(B, P + n)`` LongTensor, ``n <= max_new_tokens`` (or a :class:`GenerateOutput`).
     Cost: one prefill over ``P`` tokens, then ``n`` single-token steps with a cache; without
@@ -178,6 +225,13 @@ def generate(
     B, P = input_ids.shape
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: take the mask-free fast path
+    if fast or compile:
+        from .fast_decode import fast_generate
+        return fast_generate(model, input_ids, max_new_tokens, compile=compile, use_cache=use_cache,
+                             cache_implementation=cache_implementation, cache_config=cache_config,
+                             output_logits=output_logits, src=src, do_sample=do_sample, temperature=temperature,
+                             top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                             generator=generator, attention_mask=attention_mask, streamer=streamer)
     if attention_mask is not None:
         attention_mask = attention_mask.long()
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -187,9 +241,13 @@ def generate(
     was_training = model.training
     model.eval()
     stepper = _Stepper(model, src, src_mask)
-    cache = _resolve_cache(model, stepper, cache_implementation, B, P + max_new_tokens, src) if use_cache else None
+    cache = (_resolve_cache(model, stepper, cache_implementation, B, P + max_new_tokens, src, cache_config)
+             if use_cache else None)
 
-    sequences = input_ids
+    # One buffer for prompt + new tokens: appending a token is a write, not a reallocation.
+    buffer = input_ids.new_empty(B, P + max_new_tokens)
+    buffer[:, :P] = input_ids
+    sequences = buffer[:, :P]
     all_logits = []
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     logits = stepper(input_ids, cache, attention_mask, position_ids)  # prefill: (B, V)
@@ -199,7 +257,8 @@ def generate(
             token = token.masked_fill(finished, pad_token_id)
         if output_logits:
             all_logits.append(logits)
-        sequences = torch.cat([sequences, token[:, None]], dim=1)
+        buffer[:, P + step] = token
+        sequences = buffer[:, :P + step + 1]
         if streamer is not None:
             streamer(token)
         if eos_token_id is not None:
@@ -221,5 +280,5 @@ def generate(
     if output_logits:
         V = logits.shape[-1]
         stacked = torch.stack(all_logits, dim=1) if all_logits else logits.new_zeros(B, 0, V)
-        return GenerateOutput(sequences, stacked)
-    return sequences
+        return GenerateOutput(sequences.contiguous(), stacked)
+    return sequences.contiguous()

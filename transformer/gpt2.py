@@ -8,8 +8,9 @@ A GPT-2 checkpoint folder (``save_pretrained`` output, or a hub snapshot) holds:
 
 GPT-2 *is* this project's decoder-only model with ``pos_encoding="learned"``, LayerNorm with
 biases, ``activation="gelu_tanh"`` (HF's ``gelu_new``) and tied embeddings, so loading is a
-renaming of tensors plus one twist: GPT-2 stores its projections as ``Conv1D`` modules whose
-weight is ``(in_features, out_features)``, the transpose of ``nn.Linear``'s ``(out, in)``.
+renaming of tensors.  GPT-2 stores its projections as ``Conv1D`` modules whose weight is
+``(in_features, out_features)`` -- the transpose of ``nn.Linear``'s ``(out, in)`` but exactly the
+layout of this project's :class:`~transformer.layers.Linear`, so they load as they are.
 
 =================================  ==========================  =========================
 Hugging Face key (``transformer.``  this project                 conversion
@@ -18,12 +19,12 @@ prefix optional)
 ``wte.weight``  ``(V, d)``          ``decoder.tok_emb.weight``   as is
 ``wpe.weight``  ``(P, d)``          ``decoder.pos_emb.weight``   as is
 ``h.i.ln_1.{weight,bias}``          ``decoder.blocks.i.norm1``   as is
-``h.i.attn.c_attn.weight (d, 3d)``  ``...attn.qkv_proj.weight``  transpose; both order
+``h.i.attn.c_attn.weight (d, 3d)``  ``...attn.qkv_proj.weight``  as is; both order
                                                                  ``[q heads | k | v]``
-``h.i.attn.c_proj.weight (d, d)``   ``...attn.out_proj.weight``  transpose
+``h.i.attn.c_proj.weight (d, d)``   ``...attn.out_proj.weight``  as is     
 ``h.i.ln_2.{weight,bias}``          ``decoder.blocks.i.norm2``   as is
-``h.i.mlp.c_fc.weight (d, ff)``     ``...mlp.fc_in.weight``      transpose
-``h.i.mlp.c_proj.weight (ff, d)``   ``...mlp.fc_out.weight``     transpose
+``h.i.mlp.c_fc.weight (d, ff)``     ``...mlp.fc_in.weight``      as is     
+``h.i.mlp.c_proj.weight (ff, d)``   ``...mlp.fc_out.weight``     as is     
 ``ln_f.{weight,bias}``              ``decoder.norm_f``           as is
 ``lm_head.weight (V, d)``           ``decoder.lm_head.weight``   only if not tied
 =================================  ==========================  =========================
@@ -220,12 +221,12 @@ _TOP = {"wte.weight": "decoder.tok_emb.weight", "wpe.weight": "decoder.pos_emb.w
 
 def convert_gpt2_state_dict(hf_sd: Dict[str, torch.Tensor], config: ModelConfig,
                             dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
-    """Rename and transpose HF GPT-2 tensors into this project's ``state_dict`` names.
+    """Rename HF GPT-2 tensors into this project's ``state_dict`` names (Conv1D = our Linear layout).
 
     Accepts keys with or without the ``transformer.`` prefix.  Every expected key must be
     present with its expected shape; causal-mask buffers are skipped; anything else raises.
     With tied embeddings the returned dict has ``decoder.lm_head.weight`` sharing
-    ``decoder.tok_emb.weight``'s tensor.  Cost: one copy of each transposed weight.
+    ``decoder.tok_emb.weight``'s tensor.  Cost: at most one copy per tensor (dtype change).
 
     Raises :class:`GPT2FormatError` naming missing keys, unexpected keys, or the key whose
     shape differs (expected vs found).
@@ -254,8 +255,6 @@ def convert_gpt2_state_dict(hf_sd: Dict[str, torch.Tensor], config: ModelConfig,
         if k.startswith("h."):
             _, i, rest = k.split(".", 2)
             module, param = rest.rsplit(".", 1)
-            if module != "ln_1" and module != "ln_2" and param == "weight":
-                t = t.t()  # Conv1D (in, out) -> Linear (out, in)
             name = f"decoder.blocks.{i}.{_RENAMES[module]}.{param}"
         else:
             name = _TOP[k]

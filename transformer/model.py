@@ -9,6 +9,10 @@ Two ways to run the same weights:
   training, and it is the *reference* every cache is tested against.
 * **cached**: pass a ``kv_cache.Cache``.  Each layer appends the new tokens' keys/values to
   the cache and attends over everything stored, so a decoding step processes one token.
+  A cache that drops tokens (sliding window, attention sinks) returns only some keys and says
+  which through ``cache.key_positions``; the mask is then built from those positions after
+  the update (:class:`~transformer.layers.DeferredMask`).  ``config.sliding_window`` limits
+  attention to the most recent positions in both modes.
 
 Shapes: ``input_ids`` ``(B, S)`` -> logits ``(B, S, vocab_size)`` (or the last
 ``num_logits_to_keep`` positions only).
@@ -23,7 +27,7 @@ import torch.nn as nn
 
 from .attention import Attention
 from .config import ModelConfig
-from .layers import MLP, RotaryEmbedding, causal_mask, init_weights, make_norm
+from .layers import MLP, DeferredMask, RotaryEmbedding, causal_mask, init_weights, make_norm
 
 
 class Block(nn.Module):
@@ -76,30 +80,47 @@ class TokenDecoder(nn.Module):
                 num_logits_to_keep=0, memory=None, memory_mask=None, cross_cache=None):
         B, S = input_ids.shape
         past = cache.get_seq_length(0) if cache is not None else 0
+        # A cache that is not lossless (window and sinks drop tokens, quantized approximates them)
+        # may return a subset of the keys; it says which after its update (``key_positions``),
+        # so the mask is built then.
+        lossy = cache is not None and not getattr(cache, "is_lossless", True)
         # Cache slots of the new tokens: used by the causal mask (and by position_ids below).
         slots = cache_position if cache_position is not None else torch.arange(past, past + S, device=input_ids.device)
+        # Largest position, known on the host when the slots are the default append (no sync).
+        known_max = past + S - 1 if position_ids is None and cache_position is None else None
         if position_ids is None:
             position_ids = slots.expand(B, S) if slots.dim() <= 1 else slots
         x = self.tok_emb(input_ids)
         rope = None
         if self.pos_emb is not None:
-            max_pos = int(position_ids.max()) if S * B > 0 else 0
+            max_pos = known_max if known_max is not None else (int(position_ids.max()) if S * B > 0 else 0)
             if max_pos >= self.config.max_seq_len:
                 raise ValueError(
                     f"position {max_pos} is beyond max_seq_len={self.config.max_seq_len} of this model's "
                     f"learned position table; shorten the input or generate fewer tokens")
             x = x + self.pos_emb(position_ids)
+        elif lossy and getattr(cache, "positions_in_cache", False):
+            # StreamingLLM: keys are rotated after the update by their position inside the cache
+            # (attention does it), so here we only tabulate the angles of positions 0..n_max-1.
+            n_max = (cache.get_max_cache_shape() or past) + S
+            rope = self.rotary(torch.arange(n_max, device=input_ids.device)[None])
         else:
             rope = self.rotary(position_ids)
         x = self.drop(x)
 
-        mask, is_causal = None, False
-        kv_len = past + S if cache_position is None else max(past, int(slots.max()) + 1)
-        if attention_mask is None and cache_position is None and past == 0:
-            is_causal = True  # plain causal attention: lets SDPA use its fastest kernel
-        elif attention_mask is not None or S > 1 or cache_position is not None:
-            mask = causal_mask(slots, kv_len, attention_mask)
-        # else: one new token appended at the end, no padding: it may see every key.
+        mask, is_causal, window = None, False, self.config.sliding_window
+        if lossy:
+            if S > 1 or attention_mask is not None or window is not None:
+                mask = DeferredMask(slots, attention_mask, window)
+            # else: one appended token, no padding: such a cache returns only keys it may see.
+        else:
+            kv_len = past + S if cache_position is None else max(past, int(slots.max()) + 1)
+            windowed = window is not None and kv_len > window  # some key is out of some query's window
+            if attention_mask is None and cache_position is None and past == 0 and not windowed:
+                is_causal = True  # plain causal attention: lets SDPA use its fastest kernel
+            elif attention_mask is not None or S > 1 or cache_position is not None or windowed:
+                mask = causal_mask(slots, kv_len, attention_mask, window)
+            # else: one new token appended at the end, no padding: it may see every key.
 
         for i, block in enumerate(self.blocks):
             x = block(x, mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer_idx=i,
@@ -155,14 +176,18 @@ class DecoderOnlyTransformer(nn.Module):
         return n
 
     def new_cache(self, kind: str = "dynamic", batch_size: int = 1, max_cache_len: Optional[int] = None,
-                  layout: str = "bhsd"):
-        """Make an empty cache shaped for this model (``kind`` = ``"dynamic"`` or ``"static"``).
+                  layout: str = "bhsd", **cache_config):
+        """Make an empty cache shaped for this model: ``kind`` = ``"dynamic"``, ``"static"``,
+        ``"sliding_window"``, ``"sinks"`` or ``"quantized"``.
 
         A static cache needs ``max_cache_len`` (prompt + new tokens).  dtype/device follow the
-        model's parameters.
+        model's parameters.  ``cache_config``: options of the long-context caches (``window``,
+        ``num_sink_tokens``, ``nbits``, ``group_size``, ``residual_length``; see
+        :func:`transformer.generation.make_cache`).
         """
         from .generation import make_cache
-        return make_cache(self.config, kind, batch_size, max_cache_len, layout, self.decoder.lm_head.weight)
+        return make_cache(self.config, kind, batch_size, max_cache_len, layout, self.decoder.lm_head.weight,
+                          **cache_config)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs):

@@ -1,0 +1,361 @@
+"""``QuantizedKVCache``: keys and values stored in 8, 4 or 2 bits; the newest tokens exact.
+
+A float32 cache spends 4 bytes per number (``2 * n_layers * n_kv_heads * head_dim`` numbers per
+token).  Keys and values survive coarse rounding well -- attention averages over many of them
+-- so storing them in a few bits cuts the memory 4-14x at a small cost in accuracy.  This is
+the idea of KIVI (Liu et al. 2024) and of Hugging Face's ``QuantizedCache``.
+
+The scheme: per-group asymmetric min/max quantization along ``head_dim``.  Each token's vector
+(per head) is cut into groups of ``group_size`` channels.  For a group with minimum ``m`` and
+maximum ``M`` and ``b`` bits::
+
+    scale = (M - m) / (2**b - 1)
+    code  = round((x - m) / scale)        # an integer in 0 .. 2**b - 1
+    x    ~= m + code * scale              # error at most scale / 2
+
+``m`` and ``scale`` are stored in float16 (rounded down / up, so the group's range stays
+covered and the bound holds; keys and values must stay inside float16's range, |x| < 65504).
+Codes are packed ``8 // b`` per byte, so 4 bits really take half a byte -- ``memory_bytes()``
+counts the packed bytes.  (KIVI quantizes keys per *channel* across tokens, which handles
+outlier channels better at 2 bits; per-token groups are simpler and can be appended one token
+at a time.)
+
+The residual window.  The ``residual_length`` most recent tokens stay in full precision: the
+newest tokens get the sharpest attention, and a token is quantized exactly once, when it
+leaves the window (never re-quantized, so errors do not accumulate).
+
+Cost.  ``update`` quantizes the tokens leaving the window (``O(S)``) and returns the whole
+history dequantized -- ``O(n)`` work per layer per step into a temporary that lives only while
+that layer attends.  The saving is what stays resident between steps; the price is compute,
+so decoding is slower than with a plain cache unless a fused kernel reads the packed bytes
+directly (see ``benchmarks/long_context_benchmark.py`` for both numbers).
+
+Bytes per token and layer, keys plus values: ``2 * H_kv * (head_dim * b / 8 + 4 * head_dim /
+group_size)``; e.g. head_dim 64, groups of 32: 8 bits 144 B, 4 bits 80 B, 2 bits 48 B, against
+512 B in float32 and 256 B in bfloat16.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from .base import Cache, as_index, check_append, check_kv_pair
+
+Tensor = torch.Tensor
+NBITS = (2, 4, 8)
+#: Quantized storage grows in blocks of this many tokens (at most ``BLOCK - 1`` spare slots).
+BLOCK = 256
+
+
+def _check_nbits(nbits) -> int:
+    if isinstance(nbits, bool) or nbits not in NBITS:
+        raise ValueError(f"nbits must be one of {NBITS} (bits per stored number), got {nbits!r}")
+    return nbits
+
+
+def _pack(codes: Tensor, nbits: int) -> Tensor:
+    """Pack ``uint8`` codes ``(..., D)`` ``8 // nbits`` per byte -> ``(..., D * nbits // 8)``."""
+    if nbits == 8:
+        return codes
+    c = codes.unflatten(-1, (-1, 8 // nbits))
+    out = c[..., 0].clone()
+    for i in range(1, 8 // nbits):
+        out |= c[..., i] << (nbits * i)
+    return out
+
+
+def _unpack(packed: Tensor, nbits: int) -> Tensor:
+    """Inverse of :func:`_pack`: ``(..., D * nbits // 8)`` bytes -> ``(..., D)`` codes."""
+    if nbits == 8:
+        return packed
+    mask = 2 ** nbits - 1
+    return torch.stack([(packed >> shift) & mask for shift in range(0, 8, nbits)], dim=-1).flatten(-2)
+
+
+def quantize(x: Tensor, nbits: int, group_size: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Quantize ``x`` ``(..., D)`` in groups of ``group_size`` along the last dim.
+
+    Returns ``(packed, scale, minimum)``: ``uint8`` ``(..., D * nbits // 8)`` and float16
+    ``(..., D // group_size)`` twice.  ``|x - dequantize(...)| <= scale / 2`` elementwise.
+    Cost: a few passes over ``x``.
+    """
+    _check_nbits(nbits)
+    D = x.shape[-1]
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or D % group_size:
+        raise ValueError(f"group_size must be a positive int dividing the last dim {D}, got {group_size!r}")
+    if D % (8 // nbits):
+        raise ValueError(f"{nbits}-bit packing puts {8 // nbits} numbers in a byte; the last dim {D} is not a multiple")
+    levels = 2 ** nbits - 1
+    g = x.detach().float().unflatten(-1, (D // group_size, group_size))  # rounding has no gradient
+    lo, hi = g.amin(-1), g.amax(-1)
+    lo16 = lo.half()
+    lo16 = torch.where(lo16.float() > lo, torch.nextafter(lo16, lo16.new_tensor(float("-inf"))), lo16)
+    scale = (hi - lo16.float()) / levels
+    scale16 = scale.half()
+    scale16 = torch.where(scale16.float() < scale, torch.nextafter(scale16, scale16.new_tensor(float("inf"))), scale16)
+    step = torch.where(scale16 > 0, scale16.float(), torch.ones_like(scale))
+    codes = ((g - lo16.float().unsqueeze(-1)) / step.unsqueeze(-1)).round_().clamp_(0, levels).to(torch.uint8)
+    return _pack(codes.flatten(-2), nbits), scale16, lo16
+
+
+def dequantize(packed: Tensor, scale: Tensor, minimum: Tensor, nbits: int, dtype: torch.dtype = torch.float32,
+               out: Optional[Tensor] = None) -> Tensor:
+    """Inverse of :func:`quantize` (up to rounding): ``(..., D)`` in ``dtype``.
+
+    ``out`` (float32, shape ``(..., D)``, may be a strided view) receives the result without an
+    extra copy.  Cost: one pass to widen the codes, one fused multiply-add.
+    """
+    groups = scale.shape[-1]
+    codes = _unpack(packed, nbits).unflatten(-1, (groups, -1)).float()
+    lo, step = minimum.float().unsqueeze(-1), scale.float().unsqueeze(-1)
+    if out is not None and out.dtype == torch.float32:
+        torch.addcmul(lo, codes, step, out=out.unflatten(-1, (groups, -1)))
+        return out
+    x = torch.addcmul(lo, codes, step).flatten(-2).to(dtype)
+    if out is not None:
+        out.copy_(x)
+        return out
+    return x
+
+
+class _Quantized:
+    """One layer's quantized keys *or* values: packed codes, scales and minima, grown in blocks.
+
+    Growing by a block rather than by doubling keeps the spare room (and so ``memory_bytes``)
+    under ``BLOCK`` tokens; the copy it costs every ``BLOCK`` tokens is small next to the
+    per-step dequantization of the whole history.
+    """
+
+    def __init__(self):
+        self.packed = self.scale = self.minimum = None
+
+    def capacity(self) -> int:
+        return 0 if self.packed is None else self.packed.shape[2]
+
+    def append(self, n: int, parts: Tuple[Tensor, Tensor, Tensor]) -> None:
+        """Write ``parts`` (each ``(B, H, f, *)``) at token slots ``n .. n+f-1``."""
+        f = parts[0].shape[2]
+        if n + f > self.capacity():
+            cap = -(-(n + f) // BLOCK) * BLOCK
+            grown = []
+            for old, new in zip((self.packed, self.scale, self.minimum), parts):
+                buf = new.new_zeros(new.shape[0], new.shape[1], cap, new.shape[3])
+                if old is not None and n:
+                    buf[:, :, :n] = old[:, :, :n]
+                grown.append(buf)
+            self.packed, self.scale, self.minimum = grown
+        for buf, new in zip((self.packed, self.scale, self.minimum), parts):
+            buf[:, :, n:n + f] = new
+
+    def tensors(self) -> List[Tensor]:
+        return [t for t in (self.packed, self.scale, self.minimum) if t is not None]
+
+    def apply(self, fn) -> None:
+        if self.packed is not None:
+            self.packed, self.scale, self.minimum = (fn(t) for t in (self.packed, self.scale, self.minimum))
+
+
+class QuantizedKVCache(Cache):
+    """A growing KV cache that stores old keys/values in ``nbits`` bits.
+
+    Args:
+        nbits: 8, 4 or 2 bits per stored number.
+        group_size: channels sharing one scale/minimum; must divide ``head_dim``.
+        residual_length: most recent tokens kept exactly (0: quantize everything at once).
+
+    ``update(key, value, layer_idx)`` appends ``(B, H_kv, S, D)`` tensors (``cache_position``
+    must be ``None`` or the next positions) and returns every token: the quantized ones
+    dequantized, then the residual window, as new tensors in the input dtype.  All tokens are
+    kept, in order, so ``key_positions`` is ``arange(n)``; ``is_lossless`` is False because
+    the values are approximate.  ``memory_bytes()`` counts packed codes, scales, minima and the
+    residual window, as allocated.  Budget per layer: quantized storage grows in blocks of 256
+    tokens, so it holds at most ``n_q`` rounded up to a multiple of 256 (``n_q``: most tokens
+    ever quantized) at ``bytes_per_token()``, plus ``residual_length`` exact tokens.
+
+    Example::
+
+        cache = QuantizedKVCache(nbits=4, group_size=32, residual_length=16)
+        k, v = cache.update(torch.randn(1, 4, 100, 64), torch.randn(1, 4, 100, 64), layer_idx=0)
+        k.shape                  # (1, 4, 100, 64): 84 dequantized + 16 exact
+    """
+
+    is_lossless = False
+    layout = "bhsd"
+
+    def __init__(self, nbits: int = 8, group_size: int = 32, residual_length: int = 32):
+        self.nbits = _check_nbits(nbits)
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        if isinstance(residual_length, bool) or not isinstance(residual_length, int) or residual_length < 0:
+            raise ValueError(f"residual_length must be an int >= 0, got {residual_length!r}")
+        self.group_size, self.residual_length = group_size, residual_length
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every token and free all storage."""
+        self._qk: List[_Quantized] = []
+        self._qv: List[_Quantized] = []
+        self._nq: List[int] = []                      # tokens quantized per layer
+        self._rk: List[Optional[Tensor]] = []         # residual window, full precision
+        self._rv: List[Optional[Tensor]] = []
+        self._batch: Optional[int] = None
+
+    def _grow(self, layer_idx: int) -> None:
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
+            raise ValueError(f"layer_idx must be a non-negative int, got {layer_idx!r}")
+        while len(self._nq) <= layer_idx:
+            self._qk.append(_Quantized())
+            self._qv.append(_Quantized())
+            self._nq.append(0)
+            self._rk.append(None)
+            self._rv.append(None)
+
+    def _check(self, layer_idx: int, key: Tensor, value: Tensor) -> None:
+        for name, t in (("key", key), ("value", value)):
+            D = t.shape[3]
+            if D % self.group_size:
+                raise ValueError(f"group_size={self.group_size} must divide the head dim {D} of the {name} "
+                                 f"for layer {layer_idx}")
+            if D % (8 // self.nbits):
+                raise ValueError(f"{self.nbits}-bit packing needs a head dim that is a multiple of "
+                                 f"{8 // self.nbits}; the {name} for layer {layer_idx} has {D}")
+            if not t.is_floating_point():
+                raise ValueError(f"{name} for layer {layer_idx} must be floating point, got {t.dtype}")
+        B = key.shape[0]
+        if self._batch is not None and B != self._batch and any(self._seen_list()):
+            raise ValueError(f"key for layer {layer_idx} has batch size {B}, but the cache holds {self._batch} "
+                             f"rows; use batch_select_indices / batch_repeat_interleave, or reset()")
+        old = self._rk[layer_idx]
+        if old is not None and (old.shape[1] != key.shape[1] or old.shape[3] != key.shape[3]
+                                or old.dtype != key.dtype or old.device != key.device
+                                or self._rv[layer_idx].shape[3] != value.shape[3]):
+            raise ValueError(f"key/value for layer {layer_idx} have shapes {tuple(key.shape)}/{tuple(value.shape)} "
+                             f"({key.dtype}); the layer stores {old.shape[1]} heads of dim {old.shape[3]} ({old.dtype})")
+
+    def _seen_list(self) -> List[int]:
+        return [self.get_seq_length(l) for l in range(len(self._nq))]
+
+    # ------------------------------------------------------------------ Cache API
+    def update(self, key: Tensor, value: Tensor, layer_idx: int, cache_position=None):
+        """Append ``S`` tokens; quantize those leaving the residual window; return all ``n`` tokens.
+
+        Returns ``(B, H_kv, n, D)`` keys and values (new tensors).  Cost: ``O(S)`` quantization
+        plus ``O(n)`` dequantization.
+        """
+        check_kv_pair(key, value, layer_idx)
+        self._grow(layer_idx)
+        check_append(cache_position, self.get_seq_length(layer_idx), key.shape[2], type(self).__name__)
+        self._check(layer_idx, key, value)
+        l = layer_idx
+        if self._rk[l] is not None and self._rk[l].shape[0] != key.shape[0]:  # rows changed while empty
+            self._rk[l] = self._rv[l] = None
+        res_k = key if self._rk[l] is None else torch.cat([self._rk[l], key], dim=2)
+        res_v = value if self._rv[l] is None else torch.cat([self._rv[l], value], dim=2)
+        leaving = res_k.shape[2] - self.residual_length
+        if leaving > 0:
+            n = self._nq[l]
+            self._qk[l].append(n, quantize(res_k[:, :, :leaving], self.nbits, self.group_size))
+            self._qv[l].append(n, quantize(res_v[:, :, :leaving], self.nbits, self.group_size))
+            self._nq[l] = n + leaving
+            res_k, res_v = res_k[:, :, leaving:], res_v[:, :, leaving:]
+        self._rk[l], self._rv[l] = res_k.clone(), res_v.clone()  # own copies: never pin a big prompt
+        self._batch = key.shape[0]
+        return self.get(l)
+
+    def get(self, layer_idx: int):
+        """All tokens of ``layer_idx`` (dequantized, then exact), or ``None`` if it is empty."""
+        if layer_idx >= len(self._nq) or self.get_seq_length(layer_idx) == 0:
+            return None
+        n, rk, rv = self._nq[layer_idx], self._rk[layer_idx], self._rv[layer_idx]
+        if n == 0:
+            return rk, rv
+        out = []
+        for q, res in ((self._qk[layer_idx], rk), (self._qv[layer_idx], rv)):
+            full = res.new_empty(res.shape[0], res.shape[1], n + res.shape[2], res.shape[3])
+            dequantize(q.packed[:, :, :n], q.scale[:, :, :n], q.minimum[:, :, :n], self.nbits, out=full[:, :, :n])
+            full[:, :, n:] = res
+            out.append(full)
+        return out[0], out[1]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens stored in ``layer_idx`` (quantized + exact)."""
+        if layer_idx >= len(self._nq):
+            return 0
+        r = self._rk[layer_idx]
+        return self._nq[layer_idx] + (0 if r is None else r.shape[2])
+
+    def key_positions(self, layer_idx: int, in_cache: bool = False) -> Tensor:
+        """Every token is kept in order: ``arange(n)`` (both views)."""
+        r = self._rk[layer_idx] if layer_idx < len(self._rk) else None
+        return torch.arange(self.get_seq_length(layer_idx), device=None if r is None else r.device)
+
+    def quantized_length(self, layer_idx: int = 0) -> int:
+        """Tokens of ``layer_idx`` held in ``nbits`` bits (the rest are exact)."""
+        return self._nq[layer_idx] if layer_idx < len(self._nq) else 0
+
+    def batch_select_indices(self, indices) -> None:
+        """Keep batch rows ``indices`` (in order) in every buffer.  O(stored bytes)."""
+        if self._batch is None:
+            return
+        idx = as_index(indices, "indices", self._batch, self._device())
+        self._rebatch(lambda t: t.index_select(0, idx))
+        self._batch = idx.numel()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every batch row ``repeats`` times.  O(stored bytes * repeats)."""
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+        if self._batch is None:
+            return
+        self._rebatch(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._batch *= repeats
+
+    def _device(self):
+        for r in self._rk:
+            if r is not None:
+                return r.device
+        return torch.device("cpu")
+
+    def _rebatch(self, fn) -> None:
+        for l in range(len(self._nq)):
+            self._qk[l].apply(fn)
+            self._qv[l].apply(fn)
+            if self._rk[l] is not None:
+                self._rk[l], self._rv[l] = fn(self._rk[l]), fn(self._rv[l])
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens (negative: drop from the end).  Quantized tokens
+        stay quantized, so after a crop the newest tokens may be approximate.  O(residual)."""
+        for l in range(len(self._nq)):
+            keep = self._crop_target(max_length, self.get_seq_length(l))
+            if keep < self._nq[l]:
+                self._nq[l] = keep
+                if self._rk[l] is not None:
+                    self._rk[l], self._rv[l] = self._rk[l][:, :, :0].clone(), self._rv[l][:, :, :0].clone()
+            elif self._rk[l] is not None:
+                r = keep - self._nq[l]
+                self._rk[l], self._rv[l] = self._rk[l][:, :, :r].clone(), self._rv[l][:, :, :r].clone()
+
+    def memory_bytes(self) -> int:
+        """Bytes allocated: packed codes, float16 scales and minima (capacity), residual window."""
+        tensors = [t for q in self._qk + self._qv for t in q.tensors()]
+        tensors += [t for t in self._rk + self._rv if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def bytes_per_token(self) -> float:
+        """Bytes one more *quantized* token adds, all layers and rows together (0 before any update)."""
+        total = 0.0
+        for l, r in enumerate(self._rk):
+            if r is None:
+                continue
+            B, H = r.shape[:2]
+            for D in (r.shape[3], self._rv[l].shape[3]):
+                total += B * H * (D * self.nbits / 8 + 4 * D / self.group_size)
+        return total
+
+    def __repr__(self) -> str:
+        return (f"QuantizedKVCache(nbits={self.nbits}, group_size={self.group_size}, residual_length="
+                f"{self.residual_length}, layers={len(self._nq)}, lengths={self._seen_list()}, "
+                f"bytes={self.memory_bytes()})")

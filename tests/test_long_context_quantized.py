@@ -1,0 +1,129 @@
+"""``QuantizedKVCache``: per-group min/max quantization is within half a step of the input,
+4-bit and 2-bit codes are really packed (``memory_bytes`` counts packed bytes), the newest
+``residual_length`` tokens are exact, and a model decoding through the 8-bit cache stays close
+to the full-precision logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from helpers import tiny_decoder
+from kv_cache import DynamicKVCache, QuantizedKVCache, dequantize, quantize
+from kv_cache.quantized import _pack, _unpack
+
+
+@settings(max_examples=40, deadline=None)
+@given(nbits=st.sampled_from([2, 4, 8]), groups=st.integers(1, 4), group_size=st.sampled_from([4, 8, 16]),
+       tokens=st.integers(1, 6), scale=st.floats(1e-3, 1e3), offset=st.floats(-50, 50), seed=st.integers(0, 2**16))
+def test_quantization_error_is_at_most_half_a_step(nbits, groups, group_size, tokens, scale, offset, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, tokens, groups * group_size, generator=g) * scale + offset
+    packed, step, minimum = quantize(x, nbits, group_size)
+    assert packed.dtype == torch.uint8 and packed.shape[-1] == groups * group_size * nbits // 8
+    assert step.dtype == minimum.dtype == torch.float16 and step.shape[-1] == groups
+    err = (x - dequantize(packed, step, minimum, nbits)).abs()
+    bound = step.float().repeat_interleave(group_size, -1) / 2
+    assert bool((err <= bound * (1 + 1e-5) + 1e-6).all())
+    assert bool((step.float() <= (x.unflatten(-1, (groups, group_size)).float().amax(-1) -
+                                  x.unflatten(-1, (groups, group_size)).amin(-1)) / (2 ** nbits - 1) * 1.002
+                 + abs(offset) * 2e-3 + 1e-7).all())  # no needlessly coarse step
+
+
+@pytest.mark.parametrize("nbits", [2, 4, 8])
+def test_packing_round_trips(nbits):
+    codes = torch.randint(0, 2 ** nbits, (3, 5, 16), dtype=torch.uint8)
+    packed = _pack(codes, nbits)
+    assert packed.shape == (3, 5, 16 * nbits // 8) and torch.equal(_unpack(packed, nbits), codes)
+
+
+@pytest.mark.parametrize("nbits", [2, 4, 8])
+def test_memory_bytes_are_the_real_packed_bytes(nbits):
+    B, H, D, G, R, T = 2, 3, 64, 32, 16, 100
+    cache, full = QuantizedKVCache(nbits=nbits, group_size=G, residual_length=R), DynamicKVCache()
+    k = torch.randn(B, H, T, D)
+    cache.update(k, k, 0)
+    full.update(k, k, 0)
+    per_token = B * H * (D * nbits // 8 + 2 * 2 * D // G)  # packed codes + fp16 scale and minimum per group
+    assert cache.quantized_length(0) == T - R
+    assert cache.memory_bytes() == 2 * 256 * per_token + 2 * B * H * R * D * 4  # one block of 256 tokens
+    assert cache.bytes_per_token() == 2 * per_token
+    k = torch.randn(B, H, 300, D)
+    cache.update(k, k, 0)
+    full.update(k, k, 0)  # 400 tokens: 384 quantized in two blocks, 16 exact
+    assert cache.memory_bytes() == 2 * 512 * per_token + 2 * B * H * R * D * 4 < full.memory_bytes()
+    assert full.memory_bytes() / T / cache.bytes_per_token() > {8: 3.5, 4: 6.3, 2: 10.6}[nbits]
+
+
+def test_recent_tokens_are_exact_and_older_ones_within_the_bound():
+    cache, history = QuantizedKVCache(nbits=4, group_size=8, residual_length=5), []
+    for t in range(20):
+        k = torch.randn(1, 2, 1, 16)
+        history.append(k)
+        keys, values = cache.update(k, 2 * k, 0)
+        full = torch.cat(history, dim=2)
+        assert keys.shape == full.shape and cache.get_seq_length() == t + 1
+        assert torch.equal(keys[:, :, -5:], full[:, :, -5:]) and torch.equal(values[:, :, -5:], 2 * full[:, :, -5:])
+        old = full[:, :, :-5]
+        if old.numel():
+            span = old.unflatten(-1, (2, 8))
+            step = (span.amax(-1) - span.amin(-1)) / 15
+            assert bool(((keys[:, :, :-5] - old).abs() <= step.repeat_interleave(8, -1) * 0.51 + 1e-3).all())
+    assert cache.quantized_length() == 15
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_model_logits_teacher_forced(pos):
+    model = tiny_decoder("gqa", pos)
+    ids = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(0))
+    ref = model(ids)
+    errors = {}
+    for nbits in (8, 4):
+        cache, out, t = QuantizedKVCache(nbits=nbits, group_size=8, residual_length=4), [], 0
+        for S in [6] + [1] * 34:
+            out.append(model(ids[:, t:t + S], cache=cache))
+            t += S
+        errors[nbits] = (torch.cat(out, 1) - ref).abs().max().item()
+    assert errors[8] < 0.03 * ref.abs().max().item() and errors[8] < errors[4]
+    # a residual window covering everything quantizes nothing: exactly the full-precision logits
+    exact = model.generate(ids[:1, :5], 20, cache_implementation="quantized", output_logits=True, eos_token_id=None,
+                           cache_config={"residual_length": 64, "group_size": 8})
+    plain = model.generate(ids[:1, :5], 20, output_logits=True, eos_token_id=None)
+    torch.testing.assert_close(exact.logits, plain.logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: QuantizedKVCache(nbits=3), r"nbits must be one of \(2, 4, 8\).*got 3"),
+    (lambda: QuantizedKVCache(nbits=16), "got 16"),
+    (lambda: QuantizedKVCache(group_size=0), "group_size must be a positive int, got 0"),
+    (lambda: QuantizedKVCache(residual_length=-1), "residual_length must be an int >= 0, got -1"),
+    (lambda: QuantizedKVCache(group_size=32).update(torch.randn(1, 1, 1, 48), torch.randn(1, 1, 1, 48), 0),
+     "group_size=32 must divide the head dim 48"),
+    (lambda: quantize(torch.randn(4, 6), 4, 4), "dividing the last dim 6"),
+    (lambda: QuantizedKVCache(nbits=2, group_size=2).update(torch.randn(1, 1, 1, 6), torch.randn(1, 1, 1, 6), 0),
+     "multiple of 4"),
+])
+def test_invalid_bit_widths_and_shapes_raise_clear_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_only_appends_crop_batch_ops_and_reset():
+    cache = QuantizedKVCache(nbits=8, group_size=4, residual_length=2)
+    k = torch.randn(3, 1, 6, 4)
+    cache.update(k, k, 0)
+    with pytest.raises(ValueError, match="only appends"):
+        cache.update(k[:, :, :1], k[:, :, :1], 0, cache_position=torch.tensor([2]))
+    cache.crop(5)
+    assert cache.get_seq_length() == 5 and cache.quantized_length() == 4
+    cache.crop(3)
+    assert cache.get_seq_length() == 3 and cache.get(0)[0].shape == (3, 1, 3, 4)
+    before = cache.get(0)[0]
+    cache.batch_select_indices([2, 0])
+    torch.testing.assert_close(cache.get(0)[0], before[[2, 0]])
+    cache.batch_repeat_interleave(3)
+    assert cache.get(0)[0].shape == (6, 1, 3, 4)
+    assert torch.equal(cache.key_positions(0), torch.arange(3))
+    cache.reset()
+    assert cache.get(0) is None and cache.memory_bytes() == 0
