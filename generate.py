@@ -1,6 +1,408 @@
-"""Generate from a trained checkpoint (the main job's second half).  Not built yet."""
+"""Sample text from a trained checkpoint, streaming tokens as they are produced.
 
+Examples::
+
+    python generate.py --prompt "ROMEO:"                  # out/ (its best/ checkpoint), KV cache on
+    python generate.py --prompt "ROMEO:" --no-use-cache   # the cache-free reference, for comparison
+    echo "To be, or not to be" | python generate.py       # the prompt from stdin
+    python generate.py --temperature 0 --max-new-tokens 50 --prompt "KING:"   # greedy
+    python generate.py --cache static --num-samples 3 --seed 1
+    python generate.py --checkpoint out-s2s --src "5 9 12 4"   # encoder-decoder: token ids in
+    python generate.py --checkpoint out-add --src "123+45"      # the add task also takes digits
+    python generate.py --speculative --draft-checkpoint out-draft --temperature 0 --prompt "KING:"
+    python generate.py --speculative --prompt-lookup --prompt "To be, or not to be"
+    python generate.py --cache sinks --window 252 --max-new-tokens 2000      # stream past the context
+    python generate.py --cache quantized --kv-bits 4
+    python generate.py --gpt2 ckpts/gpt2 --prompt-ids "464 3616 286 1204 318"   # Hugging Face GPT-2 folder
+
+The text goes to stdout as it is generated; the speed (tokens/s) and the memory of the KV
+cache (``cache.memory_bytes()``) go to stderr, so ``python generate.py > sample.txt`` saves
+only the text.
+
+``--checkpoint`` accepts a run directory written by ``train.py`` (its ``best/`` is loaded) or a
+checkpoint directory itself (e.g. ``out/last``).  Checkpoints are safetensors + JSON: loading
+one never unpickles anything.
+
+Without ``--prompt`` (and with a terminal on stdin) generation starts from the end-of-document
+token, i.e. the model begins a new document (a play) of its own.
+
+Encoder-decoder checkpoints (``train.py --model encoder-decoder``) take ``--src``: the source
+symbols as space-separated token ids.  Ids 0, 1, 2 are PAD, BOS, EOS; symbols are 3 and up
+(below the model's vocab size, 16 by default).  For ``--task add`` models, ``--src`` may also be
+written as digits, ``"123+45"``.  Decoding is greedy unless ``--temperature`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
 import sys
+import time
+from types import SimpleNamespace
+from typing import List, Optional
+
+import torch
+
+from transformer import training as T
+from transformer.checkpoint import CheckpointError, load_model
+from transformer.data import EOS_ID, FIRST_SYMBOL, PLUS_ID
+from transformer.gpt2 import load_gpt2, parse_prompt_ids
+from spec_decoding import PromptLookupDrafter, format_stats, speculative_generate
+
+DEFAULT_CHECKPOINT = "out"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[0],
+                                epilog="Sampling order: temperature, then top-k, then top-p.  --temperature 0 is "
+                                       "greedy (argmax).  See the module docstring for the encoder-decoder --src.")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                   help="run directory from train.py (loads its best/) or a checkpoint directory [default: out]")
+    p.add_argument("--prompt", default=None,
+                   help="text to continue [default: stdin if it is not a terminal, else start a new document]")
+    p.add_argument("--src", default=None,
+                   help="encoder-decoder models only: source token ids, e.g. \"5 9 12 4\" (symbols are ids >= 3), "
+                        "or digits like \"123+45\" for the add task")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens to generate per sample [default: 200; encoder-decoder: up to max_seq_len - 1, "
+                        "stopping at EOS]")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="<1 sharper, >1 flatter, 0 = greedy [default: 0.8; 0 for encoder-decoder]")
+    p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (0 = off) "
+                                                          "[default: 200]")
+    p.add_argument("--top-p", type=float, default=0.95,
+                   help="then keep the smallest set of tokens with this much probability (1 = off) [default: 0.95]")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling [default: random]")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples to draw [default: 1]")
+    p.add_argument("--use-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode with a KV cache (--no-use-cache reruns the whole prefix every step: the "
+                        "reference) [default: on]")
+    p.add_argument("--cache", choices=("dynamic", "static", "sliding_window", "sinks", "quantized"),
+                   default="dynamic",
+                   help="dynamic grows as tokens arrive; static preallocates prompt + max-new-tokens; "
+                        "sliding_window keeps the last --window tokens; sinks keeps --sink-tokens first tokens + "
+                        "the last --window (StreamingLLM, for streams far past the training context); quantized "
+                        "stores keys/values in --kv-bits bits [default: dynamic]")
+    p.add_argument("--window", type=int, default=None,
+                   help="tokens kept by sliding_window/sinks [default: sliding_window: the context; sinks: "
+                        "context - sink tokens]")
+    p.add_argument("--sink-tokens", type=int, default=4, help="first tokens kept forever by --cache sinks "
+                                                              "[default: 4]")
+    p.add_argument("--kv-bits", type=int, choices=(2, 4, 8), default=8,
+                   help="bits per key/value for --cache quantized [default: 8]")
+    p.add_argument("--kv-residual", type=int, default=32,
+                   help="newest tokens kept exact by --cache quantized [default: 32]")
+    spec = p.add_argument_group("speculative decoding (decoder-only checkpoints)")
+    spec.add_argument("--speculative", action="store_true",
+                      help="draft tokens with --draft-checkpoint (or --prompt-lookup) and verify them with the "
+                           "model in one pass each round; same output distribution as plain sampling")
+    spec.add_argument("--draft-checkpoint", default=None, metavar="DIR",
+                      help="the draft model (same tokenizer), e.g. out-draft from train.py --preset draft")
+    spec.add_argument("--prompt-lookup", action="store_true",
+                      help="draft by copying the continuation of an earlier n-gram match in the context (no model)")
+    spec.add_argument("--num-draft-tokens", type=int, default=4, help="tokens drafted per round [default: 4]")
+    spec.add_argument("--adaptive-draft", action="store_true",
+                      help="grow the draft length after a fully accepted round, shrink it after a rejection")
+    hf = p.add_argument_group("pretrained GPT-2 (Hugging Face folder)")
+    hf.add_argument("--gpt2", default=None, metavar="PATH",
+                    help="load a Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin) "
+                         "instead of --checkpoint; no `transformers` needed")
+    hf.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="parameter dtype for --gpt2 models [default: float32]")
+    hf.add_argument("--prompt-ids", default=None,
+                    help="the prompt as token ids, e.g. \"464 2068 7586\" (for models without a tokenizer here)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto [default: cpu]")
+    return p
+
+
+def missing_hint(path: str) -> str:
+    cmd = "python train.py" if path.rstrip("/") == DEFAULT_CHECKPOINT else f"python train.py --out-dir {path}"
+    return f"create it with: {cmd}"
+
+
+class TextStreamer:
+    """``generate(..., streamer=...)`` callback that prints text as tokens arrive.
+
+    Decoding token by token is wrong for multi-byte characters (a byte-fallback piece may be half
+    of an emoji) and for SentencePiece pieces that only make sense with their neighbours, so we
+    decode the whole sequence each time and print what is new, holding back a trailing U+FFFD
+    (an unfinished UTF-8 character) until its other bytes arrive.  Cost: O(n) per token.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: List[int], out=None):
+        self.tokenizer, self.ids, self.out = tokenizer, list(prompt_ids), out or sys.stdout
+        self.printed = len(tokenizer.decode(self.ids))
+
+    def __call__(self, token: torch.Tensor) -> None:
+        self.ids.append(int(token[0]))
+        self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids)
+        if not final and text.endswith("\ufffd"):
+            return
+        if len(text) > self.printed:
+            self.out.write(text[self.printed:])
+            self.out.flush()
+            self.printed = len(text)
+
+    def end(self) -> str:
+        self._flush(final=True)
+        return self.tokenizer.decode(self.ids)
+
+
+def parse_src(text: str, task: Optional[str], vocab_size: int) -> List[int]:
+    """``"5 9 12"`` -> ``[5, 9, 12, EOS]``; for the add task ``"123+45"`` -> digit ids, ``+``, EOS."""
+    compact = text.replace(" ", "")
+    if task == "add" and re.fullmatch(r"\d+\+\d+", compact):
+        ids = [PLUS_ID if c == "+" else FIRST_SYMBOL + int(c) for c in compact]
+    else:
+        try:
+            ids = [int(t) for t in re.split(r"[\s,]+", text.strip()) if t]
+        except ValueError:
+            raise ValueError(f"--src {text!r}: expected space-separated token ids such as \"5 9 12 4\""
+                             + (" or digits such as \"123+45\"" if task == "add" else "")) from None
+    bad = [i for i in ids if not FIRST_SYMBOL <= i < vocab_size]
+    if not ids or bad:
+        raise ValueError(f"--src {text!r}: symbols must be token ids in [{FIRST_SYMBOL}, {vocab_size}) "
+                         f"(0-2 are PAD/BOS/EOS); got {bad or 'nothing'}")
+    return ids + [EOS_ID]
+
+
+def expected_answer(task: Optional[str], src: List[int]) -> Optional[List[int]]:
+    """What the synthetic task's answer is (for display), or None for an unknown task."""
+    s = src[:-1]
+    if task == "copy":
+        return s
+    if task == "reverse":
+        return s[::-1]
+    if task == "sort":
+        return sorted(s)
+    if task == "add" and s.count(PLUS_ID) == 1:
+        i = s.index(PLUS_ID)
+        num = lambda ids: int("".join(str(t - FIRST_SYMBOL) for t in ids) or "0")
+        return [FIRST_SYMBOL + int(c) for c in str(num(s[:i]) + num(s[i + 1:]))]
+    return None
+
+
+def format_bytes(n: int) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    for unit in ("bytes", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def report(n_tokens: int, seconds: float, cache, args, stats=None) -> None:
+    """Speed, cache mode and cache memory (and speculative statistics) to stderr."""
+    mode = f"{args.cache} KV cache" if args.use_cache else "no cache (full recompute per token)"
+    mem = f", cache memory {format_bytes(cache.memory_bytes())}" if cache is not None else ""
+    print(f"[{n_tokens} tokens in {seconds:.2f}s = {n_tokens / max(seconds, 1e-9):.1f} tokens/s; {mode}{mem}]",
+          file=sys.stderr, flush=True)
+    if stats is not None:
+        print(format_stats(stats), file=sys.stderr, flush=True)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if (args.max_new_tokens is not None and args.max_new_tokens < 0) or args.num_samples < 1:
+        print(f"error: need --max-new-tokens >= 0 and --num-samples >= 1, got {args.max_new_tokens} and "
+              f"{args.num_samples}", file=sys.stderr)
+        return 2
+    try:
+        device = T.resolve_device(args.device)
+        if args.gpt2 is not None:
+            model, tokenizer = load_gpt2(args.gpt2, device=device, dtype=args.dtype)
+            ckpt = SimpleNamespace(path=args.gpt2, model_type="gpt2")
+        else:
+            model, tokenizer, ckpt = load_model(args.checkpoint, device=device,
+                                                hint=missing_hint(args.checkpoint))
+        draft = load_draft(args, model, device)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:  # GPT2FormatError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    config = model.config
+    seq2seq = ckpt.model_type == "encoder_decoder"
+    temperature = args.temperature if args.temperature is not None else (0.0 if seq2seq else 0.8)
+    sampling = dict(do_sample=temperature > 0, temperature=temperature, top_k=args.top_k or None,
+                    top_p=args.top_p if args.top_p < 1 else None)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(args.seed if args.seed is not None else torch.seed())
+    print(f"[loaded {ckpt.path} ({ckpt.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+          f"parameters) on {device}]", file=sys.stderr)
+
+    try:
+        if seq2seq:
+            if args.speculative or args.cache in LOSSY_CACHES:
+                print("error: --speculative and --cache sliding_window/sinks/quantized are for decoder-only "
+                      "checkpoints", file=sys.stderr)
+                return 2
+            return generate_seq2seq(model, args, sampling, generator, device)
+        if args.prompt_ids is not None or (tokenizer is None and ckpt.model_type == "gpt2"):
+            return generate_ids(model, tokenizer, args, sampling, generator, device, draft)
+        if tokenizer is None:
+            print(f"error: checkpoint {ckpt.path} holds no tokenizer (tokenizer.model); it was not written by "
+                  f"train.py", file=sys.stderr)
+            return 1
+        return generate_text(model, tokenizer, args, sampling, generator, device, draft)
+    except ValueError as e:  # bad sampling values, a prompt too long for learned positions...
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+LOSSY_CACHES = ("sliding_window", "sinks", "quantized")
+
+
+def cache_options(args) -> dict:
+    """``--window/--sink-tokens/--kv-bits/--kv-residual`` as ``model.new_cache(kind, ..., **options)``."""
+    if args.cache == "sliding_window":
+        return {} if args.window is None else {"window": args.window}
+    if args.cache == "sinks":
+        return {"num_sink_tokens": args.sink_tokens, **({} if args.window is None else {"window": args.window})}
+    if args.cache == "quantized":
+        return {"nbits": args.kv_bits, "residual_length": args.kv_residual}
+    return {}
+
+
+def load_draft(args, model, device):
+    """The drafter for ``--speculative``: a draft model from ``--draft-checkpoint`` or prompt lookup."""
+    if not args.speculative:
+        if args.draft_checkpoint or args.prompt_lookup:
+            raise ValueError("--draft-checkpoint / --prompt-lookup need --speculative")
+        return None
+    if not args.use_cache:
+        raise ValueError("--speculative decodes through the KV caches; it cannot be combined with --no-use-cache")
+    if args.cache not in ("dynamic", "static"):
+        raise ValueError(f"--speculative rolls caches back with crop(); use --cache dynamic or static, not {args.cache}")
+    if args.prompt_lookup == bool(args.draft_checkpoint):
+        raise ValueError("--speculative needs exactly one drafter: --draft-checkpoint DIR or --prompt-lookup")
+    if args.prompt_lookup:
+        return PromptLookupDrafter()
+    draft, _, _ = load_model(args.draft_checkpoint, device=device, hint=missing_hint(args.draft_checkpoint))
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"the draft's vocab_size={draft.config.vocab_size} differs from the model's "
+                         f"vocab_size={model.config.vocab_size}: train the draft with --tokenizer of the target")
+    return draft
+
+
+def run_generation(model, input_ids, max_new, args, sampling, generator, streamer, draft):
+    """One sample: plain ``generate`` or ``speculative_generate``; returns ``(tokens, cache, stats)``."""
+    if draft is not None:
+        out, stats = speculative_generate(model, draft, input_ids, max_new, num_draft_tokens=args.num_draft_tokens,
+                                          cache_implementation=args.cache, generator=generator, streamer=streamer,
+                                          adaptive=args.adaptive_draft, **sampling)
+        return out, None, stats
+    cache = (model.new_cache(args.cache, 1, input_ids.shape[1] + max_new, **cache_options(args))
+             if args.use_cache else None)
+    impl = cache if cache is not None else args.cache  # an empty Cache is falsy (len 0): test for None
+    out = model.generate(input_ids, max_new, use_cache=args.use_cache, cache_implementation=impl,
+                         generator=generator, streamer=streamer, **sampling)
+    return out, cache, None
+
+
+def generate_ids(model, tokenizer, args, sampling, generator, device, draft=None) -> int:
+    """--prompt-ids (or a GPT-2 folder without a readable tokenizer): token ids in, token ids out."""
+    if args.prompt_ids is None:
+        print("error: no tokenizer could be read from this GPT-2 folder (install `tokenizers`, or add "
+              "tokenizer.json / vocab.json + merges.txt); give the prompt as --prompt-ids \"464 2068 7586\"",
+              file=sys.stderr)
+        return 2
+    prompt_ids = parse_prompt_ids(args.prompt_ids, model.config.vocab_size)
+    max_new = 200 if args.max_new_tokens is None else args.max_new_tokens
+    max_new = min(max_new, model.config.max_seq_len - len(prompt_ids))
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    for _ in range(args.num_samples):
+        t0 = time.perf_counter()
+        out, cache, stats = run_generation(model, input_ids, max_new, args, sampling, generator,
+                                           lambda t: print(int(t[0]), end=" ", flush=True), draft)
+        seconds = time.perf_counter() - t0
+        new = out[0, len(prompt_ids):].tolist()
+        print()
+        if tokenizer is not None and max(new + prompt_ids) < tokenizer.vocab_size:
+            print(tokenizer.decode(prompt_ids + new))
+        report(len(new), seconds, cache, args, stats)
+    return 0
+
+
+def generate_text(model, tokenizer, args, sampling, generator, device, draft=None) -> int:
+    config = model.config
+    prompt = args.prompt
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    prompt_ids = tokenizer.encode(prompt or "")
+    if not prompt_ids:
+        prompt_ids = [tokenizer.eos_id]  # "a document just ended": the model starts a new one
+    if len(prompt_ids) > config.max_seq_len:
+        print(f"[prompt has {len(prompt_ids)} tokens; keeping the last max_seq_len={config.max_seq_len}]",
+              file=sys.stderr)
+        prompt_ids = prompt_ids[-config.max_seq_len:]
+    max_new = 200 if args.max_new_tokens is None else args.max_new_tokens
+    if len(prompt_ids) + max_new > config.max_seq_len:
+        if config.pos_encoding == "learned":
+            max_new = config.max_seq_len - len(prompt_ids)
+            print(f"[learned positions stop at max_seq_len={config.max_seq_len}: generating {max_new} tokens]",
+                  file=sys.stderr)
+        elif args.cache not in ("sliding_window", "sinks"):
+            print(f"[note: beyond {config.max_seq_len} tokens (the training context) RoPE models drift; "
+                  f"--cache sinks keeps them fluent]", file=sys.stderr)
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            sys.stdout.write(f"{'' if i == 0 else chr(10)}---------- sample {i + 1} ----------\n")
+        streamer = TextStreamer(tokenizer, prompt_ids)
+        sys.stdout.write(tokenizer.decode(prompt_ids))
+        sys.stdout.flush()
+        t0 = time.perf_counter()
+        out, cache, stats = run_generation(model, input_ids, max_new, args, sampling, generator, streamer, draft)
+        seconds = time.perf_counter() - t0
+        text = streamer.end()
+        if not text.endswith("\n"):
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+        report(out.shape[1] - len(prompt_ids), seconds, cache, args, stats)
+    return 0
+
+
+def generate_seq2seq(model, args, sampling, generator, device) -> int:
+    config = model.config
+    task = config.extra.get("task")
+    if args.src is None:
+        print(f"error: this is an encoder-decoder checkpoint (task {task!r}); give the source with --src, "
+              f"e.g. --src \"5 9 12 4\"" + (" or --src \"123+45\"" if task == "add" else ""), file=sys.stderr)
+        return 2
+    src_ids = parse_src(args.src, task, config.src_vocab_size)
+    src = torch.tensor([src_ids], dtype=torch.long, device=device)
+    max_new = config.max_seq_len - 1 if args.max_new_tokens is None else args.max_new_tokens
+    max_new = min(max_new, config.max_seq_len - 1) if config.pos_encoding == "learned" else max_new
+    want = expected_answer(task, src_ids)
+    print(f"[task {task}; source ids {src_ids} (EOS appended)"
+          + (f"; expected answer {' '.join(map(str, want))}" if want is not None else "") + "]", file=sys.stderr)
+    for i in range(args.num_samples):
+        cache = model.new_cache(args.cache, 1, 1 + max_new, src_len=src.shape[1]) if args.use_cache else None
+        produced: List[int] = []
+
+        def stream(token: torch.Tensor) -> None:
+            t = int(token[0])
+            if t != EOS_ID:
+                produced.append(t)
+                sys.stdout.write(f"{t} ")
+                sys.stdout.flush()
+
+        t0 = time.perf_counter()
+        impl = cache if cache is not None else args.cache
+        out = model.generate(src, max_new, use_cache=args.use_cache, cache_implementation=impl,
+                             generator=generator, streamer=stream, eos_token_id=EOS_ID, **sampling)
+        seconds = time.perf_counter() - t0
+        if task == "add" and all(FIRST_SYMBOL <= t < FIRST_SYMBOL + 10 for t in produced) and produced:
+            sys.stdout.write("= " + "".join(str(t - FIRST_SYMBOL) for t in produced))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if want is not None:
+            print(f"[{'correct' if produced == want else 'WRONG'}]", file=sys.stderr)
+        report(out.shape[1] - 1, seconds, cache, args)
+    return 0
+
 
 if __name__ == "__main__":
-    sys.exit("generate.py is not implemented yet: it arrives with the 'main job' issue, together with train.py.")
+    sys.exit(main())

@@ -399,3 +399,93 @@ def load_checkpoint(directory: Union[str, Path], device: Union[str, torch.device
         model_state = {k: v.to(device) for k, v in model_state.items()}
     meta = {k: v for k, v in manifest.items() if k not in ("config", "model_type")}
     return Checkpoint(model_state, manifest["config"], train_state, directory, manifest["model_type"], meta)
+
+
+# ---- whole models ----------------------------------------------------------------------------
+
+#: ``model_type`` written by :func:`save_model` for each model class (and read by :func:`load_model`).
+MODEL_TYPES = {"DecoderOnlyTransformer": "decoder", "EncoderDecoderTransformer": "encoder_decoder"}
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+def save_model(directory: Union[str, Path], model: torch.nn.Module, train_state: Optional[Mapping[str, Any]] = None,
+               extra_files: Optional[Mapping[str, Union[str, Path]]] = None) -> Path:
+    """Save a ``DecoderOnlyTransformer`` / ``EncoderDecoderTransformer`` with its ``ModelConfig``.
+
+    A thin layer over :func:`save_checkpoint` that fills in ``config`` and ``model_type`` from
+    the model itself, so :func:`load_model` can rebuild it with nothing else.  Unwraps
+    ``torch.compile`` (``_orig_mod``) and ``DistributedDataParallel`` (``module``) wrappers.
+    Pass the tokenizer as ``extra_files={"tokenizer.model": path}`` to make the folder
+    self-contained.
+    """
+    model = unwrap_model(model)
+    name = type(model).__name__
+    if name not in MODEL_TYPES:
+        raise TypeError(f"save_model takes one of {sorted(MODEL_TYPES)}, got {name}")
+    return save_checkpoint(directory, model.state_dict(), model.config.to_dict(), train_state, extra_files,
+                           model_type=MODEL_TYPES[name])
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside ``torch.compile`` / ``DistributedDataParallel`` wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def resolve_run_dir(directory: Union[str, Path]) -> Path:
+    """A ``train.py`` run directory (``out/``, holding ``best/`` and ``last/``) means its ``best/``;
+    anything else (a checkpoint directory such as ``out/last``) is returned unchanged."""
+    root = Path(directory)
+    if not (root / MANIFEST).is_file() and ((root / "best").is_dir() or (root / ".best.old").is_dir()):
+        return root / "best"
+    return root
+
+
+def load_model(directory: Union[str, Path], device: Union[str, torch.device] = "cpu",
+               hint: Optional[str] = None, load_train_state: bool = False):
+    """Rebuild the model (and its tokenizer, if saved) from a :func:`save_model` checkpoint.
+
+    ``directory`` may also be a ``train.py`` run directory: its ``best/`` is loaded
+    (:func:`resolve_run_dir`).  Returns ``(model, tokenizer_or_None, checkpoint)``; the model is
+    in eval mode on ``device``.
+    Raises :class:`CheckpointError` for anything :func:`load_checkpoint` rejects, an unknown
+    ``model_type``, a config that is not a valid ``ModelConfig``, or weights that do not fit it.
+    Nothing is unpickled.
+    """
+    from .config import ModelConfig
+    from .encoder_decoder import EncoderDecoderTransformer
+    from .model import DecoderOnlyTransformer
+    from .tokenizer import load_tokenizer
+
+    classes = {"decoder": DecoderOnlyTransformer, "encoder_decoder": EncoderDecoderTransformer}
+    ckpt = load_checkpoint(resolve_run_dir(directory), device="cpu", hint=hint, load_train_state=load_train_state)
+    if ckpt.model_type not in classes:
+        raise CheckpointError(f"checkpoint {str(ckpt.path)!r} has model_type={ckpt.model_type!r}; "
+                              f"expected one of {sorted(classes)}")
+    try:
+        config = ModelConfig.from_dict(ckpt.config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {str(ckpt.path)!r} has an invalid model config: {e}") from None
+    model = classes[ckpt.model_type](config)
+    try:
+        model.load_state_dict(ckpt.model_state, strict=True)
+    except RuntimeError as e:
+        problems = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"checkpoint {str(ckpt.path)!r}: its weights do not fit its config: "
+                              f"{problems[0] if problems else e}{more}; was it written by another version "
+                              f"of this code?") from None
+    tokenizer = None
+    for name in TOKENIZER_FILES:
+        if name in ckpt.extra_files:
+            try:
+                tokenizer = load_tokenizer(ckpt.extra_files[name])
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"checkpoint {str(ckpt.path)!r}: its {name} is unusable: {e}") from None
+            break
+    return model.to(device).eval(), tokenizer, ckpt

@@ -1,0 +1,124 @@
+"""Smoke tests of the benchmark scripts: they run, and their results have the promised shape.
+
+No timing is asserted (CI machines are noisy); only structure and positive numbers.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks.common import TimingResult, markdown_table, machine_description, time_fn, write_results
+from benchmarks.decode_benchmark import (
+    DecodeBenchConfig, config_from_args, parse_args, quick_config, render, run_decode_benchmark, static_cache_class,
+    tiny_config,
+)
+
+
+def _positive(x):
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_result():
+    return run_decode_benchmark(tiny_config())
+
+
+def test_decode_rows_cover_every_mode_and_length(tiny_result):
+    cfg = tiny_config()
+    modes = ["uncached", "dynamic"] + (["static"] if static_cache_class() is not None else [])
+    got = {(r["impl"], r["mode"], r["new_tokens"]) for r in tiny_result["decode"]}
+    assert got == {("ours", m, n) for m in modes for n in cfg.new_tokens}
+    for r in tiny_result["decode"]:
+        assert _positive(r["tokens_per_s"]) and _positive(r["ms_per_token"])
+        assert r["runs"] == 1
+        assert _positive(r["speedup_vs_uncached"])
+        assert r["timing"]["samples_s"] and all(s > 0 for s in r["timing"]["samples_s"])
+        if r["mode"] != "uncached":
+            assert isinstance(r["same_tokens_as_reference"], bool)
+
+
+def test_uncached_reference_is_checked(tiny_result):
+    checks = tiny_result["checks"]
+    assert checks["uncached_uses_no_cache"] is True
+    assert checks["uncached_num_logits_to_keep"] == [1]
+    prompt = tiny_config().prompt_len
+    assert checks["uncached_calls_seq_lens"] == [prompt, prompt + 1, prompt + 2]
+
+
+def test_append_rows(tiny_result):
+    cfg = tiny_config()
+    caches = ["dynamic", "naive torch.cat"] + (["static"] if static_cache_class() is not None else [])
+    rows = tiny_result["append"]
+    assert {(r["cache"], r["length"]) for r in rows} == {(c, L) for c in caches for L in cfg.append_lengths}
+    for r in rows:
+        for key in ("median_us", "amortised_mean_us", "max_us", "median_ratio_vs_first", "mean_ratio_vs_first"):
+            assert _positive(r[key]), (key, r)
+        assert r["appends_timed"] == (min(r["length"], cfg.naive_window) if r["cache"] == "naive torch.cat"
+                                      else r["length"])
+        assert r["max_us"] >= r["median_us"]
+    firsts = [r for r in rows if r["length"] == cfg.append_lengths[0]]
+    assert all(r["median_ratio_vs_first"] == 1.0 for r in firsts)
+
+
+def test_result_is_json_and_renders(tiny_result, tmp_path, capsys):
+    assert tiny_result["threads"] == 1
+    text = render(tiny_result, machine_description())
+    assert "Greedy decoding throughput" in text and "One single-token append" in text
+    assert "| new tokens |" in capsys.readouterr().out
+    path = write_results(tmp_path / "r" / "decode.json", tiny_result, markdown=text)
+    data = json.loads(path.read_text())
+    assert set(data) == {"machine", "command", "results"}
+    assert data["results"]["decode"] and data["machine"]["torch"] == torch.__version__
+    assert path.with_suffix(".md").read_text().startswith("## Decode benchmark")
+
+
+def test_thread_count_is_restored():
+    before = torch.get_num_threads()
+    run_decode_benchmark(tiny_config(new_tokens=(2,), append_lengths=(64,), modes=("dynamic",)))
+    assert torch.get_num_threads() == before
+
+
+def test_transformers_comparison_rows():
+    pytest.importorskip("transformers")
+    result = run_decode_benchmark(tiny_config(hf=True, new_tokens=(3,), append_lengths=(64,)))
+    hf_rows = [r for r in result["decode"] if r["impl"] == "transformers"]
+    assert {r["mode"] for r in hf_rows} == {"dynamic", "static"}
+    assert all(_positive(r["tokens_per_s"]) for r in hf_rows)
+    pairs = {(p["ours_mode"], p["hf_mode"]) for p in result["ours_vs_hf"]}
+    assert ("dynamic", "dynamic") in pairs
+    assert all(_positive(p["ours_over_hf"]) for p in result["ours_vs_hf"])
+
+
+def test_cli_presets():
+    cfg = config_from_args(parse_args(["--quick", "--no-hf", "--new-tokens", "5,7", "--threads", "1"]))
+    assert cfg.new_tokens == (5, 7) and cfg.hf is False and cfg.threads == 1
+    assert cfg.d_model == quick_config().d_model == DecodeBenchConfig().d_model
+    with pytest.raises(SystemExit):
+        parse_args(["--new-tokens", "0"])
+
+
+def test_common_helpers():
+    calls = []
+    t = time_fn(lambda: calls.append(1), warmup=2, repeats=3)
+    assert isinstance(t, TimingResult) and len(t.samples) == 3 and len(calls) == 5
+    assert t.min <= t.median and t.to_dict()["median_s"] == t.median
+    table = markdown_table([["a", 1.5, None], ["bb", 10.0, 2]], ["name", "x", "y"])
+    lines = table.splitlines()
+    assert lines[0].startswith("| name") and lines[1].startswith("|---") and len(lines) == 4
+    assert "| -" in lines[2] or lines[2].rstrip().endswith("- |")
+    with pytest.raises(ValueError):
+        markdown_table([[1, 2]], ["only one header"])
+    desc = machine_description()
+    assert desc["available_cores"] >= 1 and desc["torch_threads"] >= 1
+
+
+def test_static_rows_are_skipped_with_a_note_when_unavailable(monkeypatch):
+    import benchmarks.decode_benchmark as db
+
+    monkeypatch.setattr(db, "static_cache_class", lambda: None)
+    result = db.run_decode_benchmark(tiny_config(new_tokens=(2,), append_lengths=(64,)))
+    assert "static" not in {r["mode"] for r in result["decode"]}
+    assert "static" not in {r["cache"] for r in result["append"]}
+    assert len([n for n in result["notes"] if "StaticKVCache" in n]) == 1
