@@ -62,7 +62,8 @@ class DynamicKVCache(BufferedCache):
             shape = list(new.shape)
             shape[0] = batch
             shape[self._sd] = new_cap
-            buf = torch.zeros(shape, dtype=new.dtype, device=new.device)
+            # empty, not zeros: slots past the length are never visible (holes are zeroed on write)
+            buf = torch.empty(shape, dtype=new.dtype, device=new.device)
             old = store[layer_idx]
             n = self._lengths[layer_idx]
             if old is not None and n:
