@@ -1,0 +1,117 @@
+"""``FixedShapeKVCache``: a static cache whose decode writes suit ``torch.compile`` and CUDA graphs.
+
+Why another static cache?  :class:`~kv_cache.StaticKVCache` already preallocates, but its
+``update`` is written for readability and safety: it checks shapes, reads the write position
+back to the host (``int(cache_position)``), keeps Python-side lengths and returns a view
+``[..., :length, ...]`` whose shape grows by one every step.  Each of those is harmless in an
+eager loop and fatal to a compiled one:
+
+* a host read of a device tensor stalls the GPU once per step (and breaks CUDA-graph capture);
+* a shape that changes every step makes ``torch.compile`` recompile (or go dynamic), and a
+  CUDA graph replays one fixed set of shapes only;
+* Python state mutated inside a traced function becomes a guard that fails on the next step.
+
+:meth:`FixedShapeKVCache.write` does the decode write the way gpt-fast does it: ``index_copy_``
+at a *tensor* position (no host read, no Python state) and it returns the **whole** buffers,
+``(B, H_kv, max_cache_len, D)``, every time.  Attention then runs over all ``max_cache_len``
+slots and must mask the slots that hold no token yet (:meth:`slot_mask` builds that mask from
+the same tensor position).  Reading the unused slots costs memory bandwidth proportional to
+``max_cache_len`` instead of the current length -- size the cache to what you will generate.
+
+The class *is* a :class:`~kv_cache.StaticKVCache` (``update``, ``crop``, ``reorder_cache``...
+all work), so the same object can be used by ordinary code; after a run of ``write`` calls,
+:meth:`set_seq_length` tells the host-side bookkeeping how far the cache is filled.
+
+The buffers are marked as *static addresses* for ``torch.compile``: a CUDA graph that writes
+into them in place may then be captured and replayed (CUDA-graph trees refuse to capture
+in-place writes to ordinary graph inputs).  This module knows no model.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .static import StaticKVCache
+
+Tensor = torch.Tensor
+
+
+def _mark_static(t: Tensor) -> None:
+    """Tell ``torch.compile`` that ``t`` keeps its address (like a module buffer); no-op without dynamo."""
+    try:
+        import torch._dynamo as dynamo
+    except Exception:  # noqa: BLE001 -- torch builds without dynamo: nothing to mark
+        return
+    mark = getattr(dynamo, "mark_static_address", None)
+    if mark is not None:
+        mark(t)
+
+
+class FixedShapeKVCache(StaticKVCache):
+    """A :class:`StaticKVCache` with a sync-free, fixed-shape decode write (:meth:`write`).
+
+    Args: exactly those of :class:`StaticKVCache` (``max_cache_len``, ``num_layers``,
+    ``num_heads``, ``num_kv_heads``, ``head_dim``, ``max_batch_size``, ``dtype``, ``device``,
+    ``layout``).  Storage: ``2 * num_layers`` buffers of ``max_batch_size * num_kv_heads *
+    max_cache_len * head_dim`` elements, allocated once.
+
+    Example (one decode step of layer 0 at slot 7, no host read anywhere)::
+
+        cache = FixedShapeKVCache(max_cache_len=64, num_layers=2, num_heads=4, head_dim=16)
+        pos = torch.tensor([7])
+        k, v = cache.write(0, torch.randn(1, 4, 1, 16), torch.randn(1, 4, 1, 16), pos)
+        k.shape                        # (1, 4, 64, 16): always the whole buffer
+        cache.slot_mask(pos).shape     # (1, 64): True for slots 0..7
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for t in self.keys + self.values:
+            _mark_static(t)
+        self.slots = torch.arange(self.max_cache_len, device=self.device)  # reused by every slot_mask call
+
+    def write(self, layer_idx: int, key: Tensor, value: Tensor, cache_position: Tensor) -> Tuple[Tensor, Tensor]:
+        """Copy ``key``/``value`` into ``layer_idx`` at slots ``cache_position``; return the full buffers.
+
+        Shapes: ``key``/``value`` ``(max_batch_size, num_kv_heads, S, head_dim)`` ("bhsd") or
+        ``(max_batch_size, S, num_kv_heads, head_dim)`` ("bshd") in the cache's dtype;
+        ``cache_position`` a 1-D long tensor of ``S`` slots on the cache's device, the same for
+        every row.  Returns ``(keys, values)``, each the whole ``max_cache_len``-slot buffer.
+
+        Cost: one ``index_copy_`` of the ``S`` new tokens per tensor.  No checks, no host read,
+        no Python state changes: the point is that this can be traced and captured.  Slots
+        past ``max_cache_len`` are an indexing error on the device (not a friendly exception),
+        so check the capacity before a run (the caller knows how many steps it will take).
+        """
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        k.index_copy_(self._sd, cache_position, key)
+        v.index_copy_(self._sd, cache_position, value)
+        return k, v
+
+    def slot_mask(self, cache_position: Tensor, window: Optional[int] = None) -> Tensor:
+        """Boolean ``(S, max_cache_len)``: may the token at ``cache_position[i]`` see slot ``j``?
+
+        ``j <= cache_position[i]`` (causality: later slots are empty or in the future) and, with
+        a sliding ``window``, ``cache_position[i] - j < window``.  Padding is the caller's
+        business (AND a ``(B, max_cache_len)`` key mask in).  Cost: ``S * max_cache_len`` booleans.
+        """
+        q = cache_position.unsqueeze(-1)
+        allowed = self.slots <= q
+        if window is not None:
+            allowed = allowed & (q - self.slots < window)
+        return allowed
+
+    def set_seq_length(self, length: int, batch_size: Optional[int] = None) -> None:
+        """Host bookkeeping after a run of :meth:`write` calls: every layer now holds ``length``
+        slots of ``batch_size`` rows (default ``max_batch_size``), so that ``get_seq_length``,
+        ``get``, ``crop`` and the batch methods see them.  O(num_layers)."""
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self.max_cache_len:
+            raise ValueError(f"length must be an int in [0, max_cache_len={self.max_cache_len}], got {length!r}")
+        batch_size = self.max_batch_size if batch_size is None else batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= self.max_batch_size:
+            raise ValueError(f"batch_size must be an int in [1, max_batch_size={self.max_batch_size}], "
+                             f"got {batch_size!r}")
+        self._lengths = [length] * self.num_layers
+        self._batch = batch_size if length else None
