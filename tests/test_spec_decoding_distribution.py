@@ -126,7 +126,12 @@ def test_speculative_sampling_matches_target_distribution(models, case):
     target, draft_model = models
     spec = CASES[case]
     prompt = torch.tensor(spec["prompt"])
-    draft = draft_model if case == "draft-model" else PromptLookupDrafter(max_ngram=2)
+    draft = draft_model
+    if case == "prompt-lookup":
+        # a target that often continues the repeated pattern, so lookup drafts are accepted often
+        # (seed chosen for that: acceptance ~0.4; the seed-11 target rarely copies, ~0.05)
+        target = tiny_decoder("mqa", seed=16, vocab_size=V, d_model=16, n_layers=1, n_heads=2)
+        draft = PromptLookupDrafter(max_ngram=2)
     exact = exact_joint(target, prompt, NEW, **spec["sampling"])
 
     counts, rate = speculative_counts(target, draft, prompt, seed=0, num_draft_tokens=spec["k"], **spec["sampling"])
