@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--num-draft-tokens", type=int, default=4, help="tokens drafted per round [default: 4]")
     spec.add_argument("--adaptive-draft", action="store_true",
                       help="grow the draft length after a fully accepted round, shrink it after a rejection")
+    fast = p.add_argument_group("fast decoding (decoder-only)")
+    fast.add_argument("--compile", action="store_true",
+                      help="decode with transformer.FastDecoder: fixed-shape static cache, no host sync per token, "
+                           "the step torch.compile'd (a CUDA graph on CUDA, bf16 there); the first run compiles "
+                           "(~15-30 s); tokens print in bursts of 16")
+    fast.add_argument("--fast", action="store_true",
+                      help="the same fixed-shape step without torch.compile (still a CUDA graph on CUDA)")
     hf = p.add_argument_group("pretrained GPT-2 (Hugging Face folder)")
     hf.add_argument("--gpt2", default=None, metavar="PATH",
                     help="load a Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin) "
@@ -197,6 +204,8 @@ def format_bytes(n: int) -> str:
 def report(n_tokens: int, seconds: float, cache, args, stats=None) -> None:
     """Speed, cache mode and cache memory (and speculative statistics) to stderr."""
     mode = f"{args.cache} KV cache" if args.use_cache else "no cache (full recompute per token)"
+    if getattr(args, "compile", False) or getattr(args, "fast", False):
+        mode = "fast path, fixed-shape static cache" + (" (compiled)" if args.compile else "")
     mem = f", cache memory {format_bytes(cache.memory_bytes())}" if cache is not None else ""
     print(f"[{n_tokens} tokens in {seconds:.2f}s = {n_tokens / max(seconds, 1e-9):.1f} tokens/s; {mode}{mem}]",
           file=sys.stderr, flush=True)
@@ -219,6 +228,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             model, tokenizer, ckpt = load_model(args.checkpoint, device=device,
                                                 hint=missing_hint(args.checkpoint))
         draft = load_draft(args, model, device)
+        if args.compile or args.fast:
+            if args.speculative or not args.use_cache:
+                raise ValueError("--compile/--fast cannot be combined with --speculative or --no-use-cache")
+            if device.type == "cuda":
+                model.to(torch.bfloat16)  # bf16 on GPU: half the bytes to stream per token
     except (CheckpointError, FileNotFoundError, ValueError) as e:  # GPT2FormatError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -293,6 +307,10 @@ def run_generation(model, input_ids, max_new, args, sampling, generator, streame
                                           cache_implementation=args.cache, generator=generator, streamer=streamer,
                                           adaptive=args.adaptive_draft, **sampling)
         return out, None, stats
+    if args.compile or args.fast:
+        out = model.generate(input_ids, max_new, compile=args.compile, fast=args.fast, cache_implementation=args.cache,
+                             generator=generator, streamer=streamer, **sampling)
+        return out, None, None
     cache = (model.new_cache(args.cache, 1, input_ids.shape[1] + max_new, **cache_options(args))
              if args.use_cache else None)
     impl = cache if cache is not None else args.cache  # an empty Cache is falsy (len 0): test for None

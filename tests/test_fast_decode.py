@@ -305,3 +305,19 @@ def test_compiled_step_matches_eager_greedy():
     ids2 = prompt(2, 3, seed=7)
     assert torch.equal(dec.generate(ids2, 28, eos_token_id=eos, pad_token_id=0),
                        model.generate(ids2, 28, eos_token_id=eos, pad_token_id=0))
+
+
+# --------------------------------------------------------------------------- the benchmark script
+def test_benchmark_quick_smoke(tmp_path):
+    """``benchmarks/fast_decode_benchmark.py --quick`` runs end to end (no compile, no transformers:
+    seconds) and writes its json and md; it prints tables, it asserts nothing about speed."""
+    import json
+
+    from benchmarks.fast_decode_benchmark import main
+
+    out = tmp_path / "fd.json"
+    main(["--part", "cpu", "--quick", "--no-compile", "--no-hf", "--variants", "graph-matmul", "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]["rows"]
+    assert [r["mode"] for r in rows][:3] == ["dynamic", "static", "fast"]
+    assert all(r.get("same_tokens", True) for r in rows)
+    assert out.with_suffix(".md").exists() and not out.with_suffix(".partial.json").exists()

@@ -190,3 +190,15 @@ def test_optimized_transformer_has_cache_on_by_default():
     assert isinstance(model.kv_cache, KVCache) and model.kv_cache.max_seq_len == 64
     src = torch.randint(3, 40, (1, 6))
     assert torch.equal(model.generate(src, 20, temperature=0), model.generate(src, 20, use_cache=False, temperature=0))
+
+
+def test_rope_angles_stay_exact_after_casting_the_model_to_bfloat16():
+    from transformer.layers import RotaryEmbedding
+    rope = RotaryEmbedding(16)
+    pos = torch.tensor([[257, 1000, 4097]])
+    cos32, sin32 = rope(pos)
+    rope.to(torch.bfloat16)  # what model.to(torch.bfloat16) does to the frequency buffer
+    cos16, sin16 = rope(pos)
+    assert cos16.dtype == torch.float32
+    torch.testing.assert_close(cos16, cos32)
+    torch.testing.assert_close(sin16, sin32)

@@ -112,3 +112,12 @@ def test_gpt2_folder_with_prompt_ids(tmp_path, capsys):
     model = DecoderOnlyTransformer.from_pretrained_gpt2(tmp_path)
     ref = model.generate(torch.tensor([[5, 6, 7]]), 10, eos_token_id=None)[0, 3:].tolist()
     assert ids == ref
+
+
+def test_fast_path_prints_the_plain_greedy_text(runs, capsys):
+    target = runs[0]
+    code, plain, _ = _run(capsys, "--checkpoint", target, *GREEDY)
+    code, fast, err = _run(capsys, "--checkpoint", target, "--fast", *GREEDY)
+    assert code == 0 and fast == plain and "fast path" in err
+    code, _, err = _run(capsys, "--checkpoint", target, "--fast", "--speculative", "--prompt-lookup")
+    assert code == 1 and "--compile/--fast" in err

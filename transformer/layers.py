@@ -106,11 +106,20 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._frequencies(), persistent=False)
+
+    def _frequencies(self, device=None) -> torch.Tensor:
+        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+                                     / self.head_dim))
 
     def forward(self, position_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        angles = position_ids.to(self.inv_freq.dtype).unsqueeze(-1) * self.inv_freq  # (B, S, hd/2)
+        inv_freq = self.inv_freq
+        if inv_freq.dtype != torch.float32:
+            # model.to(bfloat16) also casts this buffer; angles must stay float32 (bf16 holds
+            # integers exactly only up to 256), so recompute the frequencies.
+            inv_freq = self._frequencies(position_ids.device)
+        angles = position_ids.float().unsqueeze(-1) * inv_freq  # (B, S, hd/2), float32
         return angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
 
 
