@@ -253,8 +253,8 @@ def test_encoder_decoder_reverse_run_and_generate_src(tmp_path, capsys):
     assert "--src" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="about a minute of CPU; set RUN_SLOW=1")
 def test_default_seq2seq_preset_learns_reverse(tmp_path):
+    """The issue's bar: the default encoder-decoder run reaches >= 99% exact match (about a minute)."""
     run_script("train.py", "--model", "encoder-decoder", "--task", "reverse", "--no-progress", "--out-dir",
                tmp_path / "rev", timeout=900)
     assert metrics(tmp_path / "rev")["exact_match"] >= 0.99
