@@ -194,6 +194,24 @@ def as_index(indices: Union[Tensor, Sequence[int]], name: str, batch: int, devic
     return idx.to(device)
 
 
+def select_rows(stores: Sequence[list], indices, batch: int) -> int:
+    """Keep batch rows ``indices`` (in order) of every per-layer tensor in ``stores``.
+
+    ``stores`` are parallel lists (one entry per layer, ``None`` for an unwritten layer; the first
+    list says which layers are filled), e.g. ``(keys, values)``.  Returns the new batch size
+    (``batch`` unchanged if no layer is filled).  Cost: one gather of everything stored.
+    """
+    idx = None
+    for l, buf in enumerate(stores[0]):
+        if buf is None:
+            continue
+        if idx is None:
+            idx = as_index(indices, "indices", batch, buf.device)
+        for store in stores:
+            store[l] = store[l].index_select(0, idx)
+    return batch if idx is None else idx.numel()
+
+
 class Cache(ABC):
     """Abstract KV cache: per layer, the keys and values of every token seen so far.
 

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from .base import Cache, as_index, check_kv_pair
+from .base import Cache, check_kv_pair, select_rows
 
 Tensor = torch.Tensor
 
@@ -241,17 +241,9 @@ class LinearKVCache(Cache):
 
     def batch_select_indices(self, indices) -> None:
         """Keep batch rows ``indices`` (in that order).  O(stored)."""
-        if self._batch is None:
-            return
-        idx = None
-        for l, buf in enumerate(self.keys):
-            if buf is None:
-                continue
-            idx = as_index(indices, "indices", self._batch, buf.device) if idx is None else idx
-            for lst in (self.keys, self.values, self.importance, self.positions):
-                lst[l] = lst[l].index_select(0, idx)
-        if idx is not None:
-            self._batch = idx.numel()
+        if self._batch is not None:
+            self._batch = select_rows((self.keys, self.values, self.importance, self.positions), indices,
+                                      self._batch)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat every row ``repeats`` times.  O(stored * repeats)."""

@@ -39,7 +39,7 @@ from typing import List, Optional
 
 import torch
 
-from .base import Cache, as_index, check_append, check_kv_pair
+from .base import Cache, check_append, check_kv_pair, select_rows
 
 Tensor = torch.Tensor
 
@@ -254,17 +254,8 @@ class SlidingWindowKVCache(Cache):
 
     def batch_select_indices(self, indices) -> None:
         """Keep batch rows ``indices`` (in that order).  O(stored)."""
-        if self._batch is None:
-            return
-        idx = None
-        for l, buf in enumerate(self.keys):
-            if buf is None:
-                continue
-            if idx is None:
-                idx = as_index(indices, "indices", self._batch, buf.device)
-            self.keys[l], self.values[l] = buf.index_select(0, idx), self.values[l].index_select(0, idx)
-        if idx is not None:
-            self._batch = idx.numel()
+        if self._batch is not None:
+            self._batch = select_rows((self.keys, self.values), indices, self._batch)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat every batch row ``repeats`` times.  O(stored * repeats)."""

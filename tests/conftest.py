@@ -1,9 +1,18 @@
 """Test-session settings.
 
-The test models are tiny: one thread computes them fastest, and more threads only fight over
-the (shared, 2-core) CI machine.  Tests that need another setting set it themselves.
+The test models are tiny: one thread computes them fastest, and on a shared 2-core machine a
+second thread makes every parallel region wait for whichever thread was descheduled (measured:
+a 100-token generation up to 100x slower).  Every test module therefore runs on one thread, and
+the previous setting is restored after the module, so a test that changes it cannot leak.
 """
 
+import pytest
 import torch
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

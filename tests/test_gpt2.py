@@ -55,15 +55,6 @@ def _save_legacy_bin(hf, folder: pathlib.Path) -> pathlib.Path:
     return folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine the threads' spin
-    waits can make a 100-token generation 100x slower: run this module on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):

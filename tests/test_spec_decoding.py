@@ -21,15 +21,6 @@ from spec_decoding import (ModelDrafter, PromptLookupDrafter, SpecDecodingPair, 
 V = 61
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine threads that wait
-    for each other make each pass hundreds of times slower; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def noisy_copy(model, std=0.01, seed=5):
     """The model with N(0, std) added to every weight: a draft that agrees often but not always."""

@@ -31,13 +31,6 @@ from transformer.sampling import process_logits
 V, NEW, N = 8, 3, 3000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def models():

@@ -38,13 +38,6 @@ TINY = ["--preset", "tiny", "--max-steps", "20", "--eval-interval", "10", "--dro
         "--threads", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def run_script(*args, timeout=120, input=None, check=True):
     """Run ``python <args>`` in the repo root; return the CompletedProcess (text mode)."""
