@@ -25,7 +25,8 @@ def test_quantization_error_is_at_most_half_a_step(nbits, groups, group_size, to
     assert step.dtype == minimum.dtype == torch.float16 and step.shape[-1] == groups
     err = (x - dequantize(packed, step, minimum, nbits)).abs()
     bound = step.float().repeat_interleave(group_size, -1) / 2
-    assert bool((err <= bound * (1 + 1e-5) + 1e-6).all())
+    # plus float32 rounding of the dequantized value itself (a few ulps of |x|: 4e-6 at |x| = 32)
+    assert bool((err <= bound * (1 + 1e-5) + 1e-6 + 4 * torch.finfo(torch.float32).eps * x.abs()).all())
     assert bool((step.float() <= (x.unflatten(-1, (groups, group_size)).float().amax(-1) -
                                   x.unflatten(-1, (groups, group_size)).amin(-1)) / (2 ** nbits - 1) * 1.002
                  + abs(offset) * 2e-3 + 1e-7).all())  # no needlessly coarse step
