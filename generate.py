@@ -10,6 +10,7 @@ Examples::
     python generate.py --checkpoint out-s2s --src "5 9 12 4"   # encoder-decoder: token ids in
     python generate.py --checkpoint out-add --src "123+45"      # the add task also takes digits
     python generate.py --speculative --draft-checkpoint out-draft --temperature 0 --prompt "KING:"
+    python generate.py --speculative --draft-checkpoint out-draft --compile --dtype bfloat16 --temperature 0
     python generate.py --speculative --prompt-lookup --prompt "To be, or not to be"
     python generate.py --cache sinks --window 252 --max-new-tokens 2000      # stream past the context
     python generate.py --cache quantized --kv-bits 4
@@ -47,7 +48,7 @@ from transformer import training as T
 from transformer.checkpoint import CheckpointError, load_model
 from transformer.data import EOS_ID, FIRST_SYMBOL, PLUS_ID
 from transformer.gpt2 import load_gpt2, parse_prompt_ids
-from spec_decoding import PromptLookupDrafter, format_stats, speculative_generate
+from spec_decoding import ModelDrafter, PromptLookupDrafter, format_stats, speculative_generate
 
 DEFAULT_CHECKPOINT = "out"
 
@@ -107,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     fast.add_argument("--compile", action="store_true",
                       help="decode with transformer.FastDecoder: fixed-shape static cache, no host sync per token, "
                            "the step torch.compile'd (a CUDA graph on CUDA, bf16 there); the first run compiles "
-                           "(~15-30 s); tokens print in bursts of 16")
+                           "(~15-30 s); tokens print in bursts of 16.  With --speculative: the draft model's "
+                           "steps (all k greedy drafts of a round in one compiled call)")
     fast.add_argument("--fast", action="store_true",
                       help="the same fixed-shape step without torch.compile (still a CUDA graph on CUDA)")
     hf = p.add_argument_group("pretrained GPT-2 (Hugging Face folder)")
@@ -115,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="load a Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin) "
                          "instead of --checkpoint; no `transformers` needed")
     hf.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                    help="parameter dtype for --gpt2 models [default: float32]")
+                    help="parameter dtype of the model (of the target with --speculative; the draft stays "
+                         "float32) [default: float32]")
     hf.add_argument("--prompt-ids", default=None,
                     help="the prompt as token ids, e.g. \"464 2068 7586\" (for models without a tokenizer here)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto [default: cpu]")
@@ -204,7 +207,7 @@ def format_bytes(n: int) -> str:
 def report(n_tokens: int, seconds: float, cache, args, stats=None) -> None:
     """Speed, cache mode and cache memory (and speculative statistics) to stderr."""
     mode = f"{args.cache} KV cache" if args.use_cache else "no cache (full recompute per token)"
-    if getattr(args, "compile", False) or getattr(args, "fast", False):
+    if (getattr(args, "compile", False) or getattr(args, "fast", False)) and stats is None:
         mode = "fast path, fixed-shape static cache" + (" (compiled)" if args.compile else "")
     mem = f", cache memory {format_bytes(cache.memory_bytes())}" if cache is not None else ""
     print(f"[{n_tokens} tokens in {seconds:.2f}s = {n_tokens / max(seconds, 1e-9):.1f} tokens/s; {mode}{mem}]",
@@ -227,11 +230,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             model, tokenizer, ckpt = load_model(args.checkpoint, device=device,
                                                 hint=missing_hint(args.checkpoint))
+            model.to(getattr(torch, args.dtype))
         draft = load_draft(args, model, device)
         if args.compile or args.fast:
-            if args.speculative or not args.use_cache:
-                raise ValueError("--compile/--fast cannot be combined with --speculative or --no-use-cache")
-            if device.type == "cuda":
+            if not args.use_cache:
+                raise ValueError("--compile/--fast decode through their own static cache; they cannot be combined "
+                                 "with --no-use-cache")
+            if device.type == "cuda" and not args.speculative:
                 model.to(torch.bfloat16)  # bf16 on GPU: half the bytes to stream per token
     except (CheckpointError, FileNotFoundError, ValueError) as e:  # GPT2FormatError is a ValueError
         print(f"error: {e}", file=sys.stderr)
@@ -292,12 +297,17 @@ def load_draft(args, model, device):
     if args.prompt_lookup == bool(args.draft_checkpoint):
         raise ValueError("--speculative needs exactly one drafter: --draft-checkpoint DIR or --prompt-lookup")
     if args.prompt_lookup:
+        if args.compile or args.fast:
+            raise ValueError("--compile/--fast with --speculative run the draft model's steps on the fast path; "
+                             "--prompt-lookup has no draft model (drop --compile/--fast, or use --draft-checkpoint)")
         return PromptLookupDrafter()
     draft, _, _ = load_model(args.draft_checkpoint, device=device, hint=missing_hint(args.draft_checkpoint))
     if draft.config.vocab_size != model.config.vocab_size:
         raise ValueError(f"the draft's vocab_size={draft.config.vocab_size} differs from the model's "
                          f"vocab_size={model.config.vocab_size}: train the draft with --tokenizer of the target")
-    return draft
+    # --compile / --fast with --speculative: the draft's steps take the fast path (the target's
+    # verification pass has a different length every round and stays eager)
+    return ModelDrafter(draft, fast=args.fast, compile=args.compile)
 
 
 def run_generation(model, input_ids, max_new, args, sampling, generator, streamer, draft):

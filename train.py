@@ -4,7 +4,7 @@ Examples::
 
     python train.py                                   # default CPU model on Shakespeare, ~9 min, -> out/
     python generate.py --prompt "ROMEO:"              # then sample from it
-    python train.py --preset draft --tokenizer out/ --out-dir out-draft   # draft model, same tokenizer
+    python train.py --preset draft --tokenizer out --teacher out --out-dir out-draft   # draft, distilled
     python train.py --data my_texts/ --vocab-size 2048 --max-steps 500    # any UTF-8 file or folder
     python train.py --resume                          # continue out/last after an interruption
     python train.py --model encoder-decoder --task reverse                # seq2seq, exact match
@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("what to train")
     g.add_argument("--preset", choices=sorted(T.PRESETS), default=None,
                    help="named model + training settings: cpu (default language model, ~9 min on 2 cores), "
-                        "draft (tiny model for speculative decoding; pair with --tokenizer out/ --out-dir "
-                        "out-draft), gpu (bigger, for one GPU), tiny (seconds; tests), seq2seq (default of "
+                        "draft (tiny model for speculative decoding; pair with --tokenizer out --teacher out "
+                        "--out-dir out-draft), gpu (bigger, for one GPU), tiny (seconds; tests), seq2seq (default of "
                         "--model encoder-decoder)")
     g.add_argument("--model", choices=T.MODEL_KINDS, default=None,
                    help="decoder = GPT-style language model on text; encoder-decoder = seq2seq on --task "
@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", default=None,
                    help="reuse this tokenizer (a run dir such as out/, a checkpoint dir, or a tokenizer.model "
                         "file) instead of training one")
+    g.add_argument("--teacher", default=None,
+                   help="distil from this model (a run dir such as out/ or a checkpoint dir; same tokenizer): "
+                        "how the draft of speculative decoding learns the target's guesses")
+    g.add_argument("--distill-weight", type=float, default=None,
+                   help="with --teacher: loss = (1-w) * cross-entropy + w * KL(teacher || student) [1.0]")
 
     g = p.add_argument_group("optimisation")
     for name, typ, text in [
@@ -357,6 +362,25 @@ def load_resume_state(args, tcfg: T.TrainConfig, files: RunFiles):
     return ckpt, T.train_config_from_dict(merged), ckpt.train_state.get("preset", "?")
 
 
+def load_teacher(tcfg: T.TrainConfig, mcfg: ModelConfig, device: torch.device) -> torch.nn.Module:
+    """The frozen model to distil from (``--teacher``): same vocabulary, eval mode, no gradients."""
+    try:
+        teacher = ckpt_mod.load_model(tcfg.teacher, device=device,
+                                      hint="train the teacher first (python train.py) or pass its run directory")[0]
+    except (CheckpointError, OSError) as e:
+        raise SystemExit(f"error: --teacher {tcfg.teacher!r}: {e}")
+    tv = teacher.config.vocab_size
+    if hasattr(teacher, "encode") or tv != mcfg.vocab_size:
+        raise SystemExit(f"error: --teacher {tcfg.teacher!r} must be a decoder-only model with this run's "
+                         f"vocabulary ({mcfg.vocab_size} tokens), got {type(teacher).__name__} with {tv}: "
+                         f"pass --tokenizer with the teacher's run directory so both share one tokenizer")
+    if teacher.config.pos_encoding == "learned" and teacher.config.max_seq_len < tcfg.block_size:
+        raise SystemExit(f"error: --teacher {tcfg.teacher!r} has max_seq_len={teacher.config.max_seq_len} "
+                         f"< --block-size {tcfg.block_size}")
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
 def run(args, model_over, tcfg: T.TrainConfig, preset: str, ctx: T.Distributed, device: torch.device) -> int:
     t_start = time.time()
     threads = T.set_threads(tcfg.threads, ctx.world_size) if device.type == "cpu" else torch.get_num_threads()
@@ -413,6 +437,10 @@ def run(args, model_over, tcfg: T.TrainConfig, preset: str, ctx: T.Distributed, 
     log(ctx, f"model: {model_cls.__name__} {n_params / 1e6:.2f}M parameters; " + ", ".join(
         f"{k}={v}" for k, v in mcfg.to_dict().items() if k in ("vocab_size", "d_model", "n_layers", "n_heads",
                                                               "n_kv_heads", "max_seq_len", "pos_encoding", "dropout")))
+    teacher = load_teacher(tcfg, mcfg, device) if tcfg.teacher else None
+    if teacher is not None:
+        log(ctx, f"distilling from {tcfg.teacher} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M "
+                 f"parameters), loss = {1 - tcfg.distill_weight:g} * CE + {tcfg.distill_weight:g} * KL")
     model = raw
     if tcfg.compile:
         model = torch.compile(model)
@@ -495,7 +523,8 @@ def run(args, model_over, tcfg: T.TrainConfig, preset: str, ctx: T.Distributed, 
         if tcfg.model == "decoder":
             x, y = data.next_batch()
             with T.autocast(device, dtype):
-                loss = T.lm_loss(model, x, y)
+                loss = (T.lm_loss(model, x, y) if teacher is None
+                        else T.distill_loss(model, teacher, x, y, tcfg.distill_weight))
             step_tokens = tokens_per_step
         else:
             batch = make_seq2seq_batch(tcfg.task, tcfg.batch_size, data, tcfg.task_min_len, tcfg.task_max_len,

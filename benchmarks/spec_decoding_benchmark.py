@@ -2,7 +2,9 @@
 
 Run from the repository root::
 
-    python -m benchmarks.spec_decoding_benchmark --target out --draft out-draft   # trained checkpoints
+    python -m benchmarks.spec_decoding_benchmark --target out --draft out-draft \
+        --dtype bfloat16 --draft-mode compile --reference --threads 1                 # the README's table
+    python -m benchmarks.spec_decoding_benchmark --target out --draft out-draft   # eager, float32
     python -m benchmarks.spec_decoding_benchmark --random                         # no checkpoints needed
     python -m benchmarks.spec_decoding_benchmark --random --quick                 # smoke test (seconds)
 
@@ -14,8 +16,13 @@ What is measured
 ================
 
 Models.  ``--target DIR`` / ``--draft DIR`` load checkpoints written by ``train.py``
-(``transformer.checkpoint.load_model``; a run directory means its ``best/``).  The prompt is
-``--prompt`` encoded with the target's tokenizer.  Without a draft checkpoint,
+(``transformer.checkpoint.load_model``; a run directory means its ``best/``).  The prompts are
+``--prompt`` (repeatable; default: four play openings, three of them from the held-out plays)
+encoded with the target's tokenizer; a timed call generates for each prompt in turn.
+``--dtype`` casts the target (baseline and verification alike; the draft stays float32);
+``--draft-mode`` runs the draft model eagerly, on ``FastDecoder`` steps, or on compiled
+``FastDecoder`` steps (``ModelDrafter(draft, compile=True)``: at temperature 0 all ``k`` guesses of
+a round in one compiled call; the compile happens in the untimed warm-up round).  Without a draft checkpoint,
 ``--draft-layers N`` cuts the target's first ``N`` layers into a draft
 (:func:`spec_decoding.truncated_draft`).  ``--random`` instead builds
 :func:`spec_decoding.make_demo_pair` (an 8-layer random target whose later layers only nudge
@@ -33,6 +40,9 @@ For each temperature in ``--temperatures`` (default 0 and 0.8; no top-k / top-p)
   copying the rest), against its own baseline on that prompt.  Random weights do not copy, so
   with ``--random`` this row shows ~0 acceptance: the honest result for a model that does not
   repeat its context.
+* **reference** (``--reference``) -- plain greedy decoding of the target in float32 and
+  bfloat16 (eager) and with the compiled fast path (``generate(compile=True)``, float32), for
+  context: what the same target costs without speculation, decoded other ways.
 
 Prompts longer than ``max_seq_len - N`` keep their last tokens.
 
@@ -58,7 +68,7 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
-from spec_decoding import PromptLookupDrafter, make_demo_pair, speculative_generate, truncated_draft
+from spec_decoding import ModelDrafter, PromptLookupDrafter, make_demo_pair, speculative_generate, truncated_draft
 
 from .common import format_machine, machine_description, markdown_table, set_threads, write_results
 
@@ -69,7 +79,10 @@ except ImportError:  # pragma: no cover
 
 DEFAULT_OUT = "benchmarks/results/spec_decoding_cpu.json"
 QUICK_OUT = "benchmarks/results/spec_decoding_cpu_quick.json"
-DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
+DEFAULT_PROMPTS = ("ROMEO:\nBut soft, what light through yonder window breaks?\n",
+                   "HAMLET:\nO, that this too too solid flesh would melt,\n",  # the rest: held-out plays
+                   "PROSPERO:\nOur revels now are ended. These our actors,\n",
+                   "KATHARINA:\nFie, fie! unknit that threatening unkind brow,\n")
 PASSAGE = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
            "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n")
 
@@ -99,21 +112,40 @@ def _time_once(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def bench_prompt(target, prompt: torch.Tensor, cfg: SpecBenchConfig, temperature: float,
+def _merge(stats_list):
+    """Sum the counters of several runs (one per prompt) into one ``SpecDecodingStats``."""
+    total = dataclasses.replace(stats_list[0], proposed_per_round=[], accepted_per_round=[])
+    for name in ("prompt_tokens", "generated_tokens", "target_forward_passes", "draft_forward_passes",
+                 "proposed_tokens", "accepted_tokens", "wall_time_s"):
+        setattr(total, name, sum(getattr(st, name) for st in stats_list))
+    for st in stats_list:
+        total.proposed_per_round += st.proposed_per_round
+        total.accepted_per_round += st.accepted_per_round
+    return total
+
+
+def bench_prompt(target, prompts: List[torch.Tensor], cfg: SpecBenchConfig, temperature: float,
                  drafters: List[Tuple[str, Any, Dict[str, Any]]], bar=None) -> List[Dict[str, Any]]:
-    """Time the baseline and each ``(label, drafter, kwargs)`` on ``prompt``; one row per drafter."""
+    """Time the baseline and each ``(label, drafter, kwargs)``; one row per drafter.
+
+    One timed *call* generates ``N`` tokens for every prompt in ``prompts`` in turn, so the
+    numbers average over the prompts (ms/token = call time / (N * len(prompts)))."""
     N, seed = cfg.new_tokens, cfg.seed
     outputs: Dict[str, Any] = {}
 
     def baseline():
-        g = torch.Generator(device=prompt.device).manual_seed(seed)
-        outputs["baseline"] = target.generate(prompt, N, do_sample=temperature > 0, temperature=temperature or 1.0,
-                                              generator=g, eos_token_id=None)
+        outs = []
+        for prompt in prompts:
+            g = torch.Generator(device=prompt.device).manual_seed(seed)
+            outs.append(target.generate(prompt, N, do_sample=temperature > 0, temperature=temperature or 1.0,
+                                        generator=g, eos_token_id=None))
+        outputs["baseline"] = outs
 
     def speculative(label, drafter, kwargs):
         def run():
-            outputs[label] = speculative_generate(target, drafter, prompt, N, temperature=temperature, seed=seed,
-                                                  eos_token_id=None, **kwargs)
+            runs = [speculative_generate(target, drafter, prompt, N, temperature=temperature, seed=seed,
+                                         eos_token_id=None, **kwargs) for prompt in prompts]
+            outputs[label] = ([tokens for tokens, _ in runs], _merge([st for _, st in runs]))
         return run
 
     calls = [("baseline", baseline)] + [(label, speculative(label, d, kw)) for label, d, kw in drafters]
@@ -126,41 +158,69 @@ def bench_prompt(target, prompt: torch.Tensor, cfg: SpecBenchConfig, temperature
             if bar is not None:
                 bar.update()
     base = statistics.median(samples["baseline"])
+    n_tokens = N * len(prompts)
     rows = []
     for label, drafter, kw in drafters:
         tokens, stats = outputs[label]
         t = statistics.median(samples[label])
+        same = all(torch.equal(a, b) for a, b in zip(tokens, outputs["baseline"]))
         rows.append({
             "drafter": label, "temperature": temperature, "num_draft_tokens": kw.get("num_draft_tokens"),
             "adaptive": kw.get("adaptive", False), "new_tokens": stats.generated_tokens,
             "acceptance_rate": stats.acceptance_rate, "tokens_per_target_pass": stats.tokens_per_target_pass,
             "target_passes": stats.target_forward_passes, "draft_passes": stats.draft_forward_passes,
-            "spec_ms_per_token": 1e3 * t / N, "baseline_ms_per_token": 1e3 * base / N, "speedup": base / t,
-            "same_tokens_as_target": bool(torch.equal(tokens, outputs["baseline"])) if temperature == 0 else None,
+            "spec_ms_per_token": 1e3 * t / n_tokens, "baseline_ms_per_token": 1e3 * base / n_tokens,
+            "speedup": base / t, "same_tokens_as_target": same if temperature == 0 else None,
             "spec_samples_s": samples[label], "baseline_samples_s": samples["baseline"],
         })
     return rows
 
 
-def run_spec_benchmark(target, draft, prompt: torch.Tensor, lookup_prompt: torch.Tensor,
-                       cfg: SpecBenchConfig, progress: bool = False) -> Dict[str, Any]:
+def reference_rows(target, prompts: List[torch.Tensor], cfg: SpecBenchConfig) -> List[Dict[str, Any]]:
+    """Plain greedy decoding of the target in other modes, for context: eager float32 and
+    bfloat16, and the compiled fast path (``generate(compile=True)``, float32).  Same timing
+    protocol as the table rows (round-robin, median)."""
+    import copy
+
+    N = cfg.new_tokens
+    models = {"float32": copy.deepcopy(target).float(), "bfloat16": copy.deepcopy(target).to(torch.bfloat16)}
+    modes = [("plain cached decoding, float32 (eager)", models["float32"], {}),
+             ("plain cached decoding, bfloat16 (eager)", models["bfloat16"], {}),
+             ("plain decoding, float32, FastDecoder (compiled)", models["float32"], {"compile": True})]
+    samples: Dict[str, List[float]] = {label: [] for label, _, _ in modes}
+    for r in range(cfg.warmup + 1 + cfg.repeats):  # +1: the first compiled call compiles
+        for label, model, kw in modes:
+            t = _time_once(lambda: [model.generate(p, N, eos_token_id=None, **kw) for p in prompts])
+            if r > cfg.warmup:
+                samples[label].append(t)
+    return [{"mode": label, "ms_per_token": 1e3 * statistics.median(samples[label]) / (N * len(prompts)),
+             "samples_s": samples[label]} for label, _, _ in modes]
+
+
+def run_spec_benchmark(target, draft, prompts: List[torch.Tensor], lookup_prompt: torch.Tensor,
+                       cfg: SpecBenchConfig, progress: bool = False, draft_mode: str = "eager",
+                       reference: bool = False) -> Dict[str, Any]:
     """Every row of the benchmark (see the module docstring) as a JSON-able dict."""
-    drafters = [(f"draft model, k={k}", draft, dict(num_draft_tokens=k)) for k in cfg.draft_lengths]
+    drafter = ModelDrafter(draft, fast=draft_mode == "fast", compile=draft_mode == "compile")
+    drafters = [(f"draft model, k={k}", drafter, dict(num_draft_tokens=k)) for k in cfg.draft_lengths]
     if cfg.adaptive:
-        drafters.append(("draft model, adaptive (k0=4)", draft, dict(num_draft_tokens=4, adaptive=True)))
+        drafters.append(("draft model, adaptive (k0=4)", drafter, dict(num_draft_tokens=4, adaptive=True)))
     lookup = [("prompt lookup, k=4", PromptLookupDrafter(max_ngram=3), dict(num_draft_tokens=4))]
     calls = (len(drafters) + 1 + (2 if cfg.prompt_lookup else 0)) * (cfg.warmup + cfg.repeats) * len(cfg.temperatures)
     bar = tqdm(total=calls, desc="generate calls", leave=False, file=sys.stderr) if progress and tqdm else None
     rows, lookup_rows = [], []
     with torch.inference_mode():
         for temperature in cfg.temperatures:
-            rows += bench_prompt(target, prompt, cfg, temperature, drafters, bar)
+            rows += bench_prompt(target, prompts, cfg, temperature, drafters, bar)
             if cfg.prompt_lookup:
-                lookup_rows += bench_prompt(target, lookup_prompt, cfg, temperature, lookup, bar)
+                lookup_rows += bench_prompt(target, [lookup_prompt], cfg, temperature, lookup, bar)
+    ref = reference_rows(target, prompts, cfg) if reference else []  # (copies the model: not in inference mode)
     if bar is not None:
         bar.close()
-    return {"config": dataclasses.asdict(cfg), "prompt_tokens": prompt.shape[1],
+    return {"config": dataclasses.asdict(cfg), "prompt_tokens": [p.shape[1] for p in prompts],
             "lookup_prompt_tokens": lookup_prompt.shape[1], "draft_model": rows, "prompt_lookup": lookup_rows,
+            "reference": ref, "target_dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
+            "draft_mode": draft_mode,
             "target_params": sum(p.numel() for p in target.parameters()),
             "draft_params": sum(p.numel() for p in draft.parameters())}
 
@@ -175,15 +235,24 @@ def _table(rows: List[Dict[str, Any]]) -> str:
 
 
 def render(result: Dict[str, Any], machine: Dict[str, Any], file=None) -> str:
-    """The markdown report: machine, models, then the two tables."""
+    """The markdown report: machine, models, then the tables."""
     n = result["config"]["new_tokens"]
+    lengths = result["prompt_tokens"]
+    draft_mode = {"eager": "eager", "fast": "FastDecoder steps", "compile": "compiled FastDecoder steps"}
     parts = [f"Machine: {format_machine(machine)}",
-             f"Target {result['target_params'] / 1e6:.3g}M parameters, draft {result['draft_params'] / 1e6:.3g}M; "
-             f"{n} new tokens per call; median of {result['config']['repeats']} timed calls.",
-             f"### Draft model ({result['prompt_tokens']}-token prompt)\n\n{_table(result['draft_model'])}"]
+             f"Target {result['target_params'] / 1e6:.3g}M parameters in {result.get('target_dtype', 'float32')} "
+             f"(eager; the baseline is the same model's plain cached decoding), draft "
+             f"{result['draft_params'] / 1e6:.3g}M in float32 ({draft_mode[result.get('draft_mode', 'eager')]}); "
+             f"{n} new tokens per prompt; median of {result['config']['repeats']} timed calls.",
+             f"### Draft model ({len(lengths)} prompt(s) of {', '.join(map(str, lengths))} tokens)\n\n"
+             f"{_table(result['draft_model'])}"]
     if result["prompt_lookup"]:
         parts.append(f"### Prompt lookup (repeated-text prompt, {result['lookup_prompt_tokens']} tokens)\n\n"
                      f"{_table(result['prompt_lookup'])}")
+    if result.get("reference"):
+        cells = [[r["mode"], r["ms_per_token"]] for r in result["reference"]]
+        parts.append("### The target alone, other ways (greedy, same prompts)\n\n"
+                     + markdown_table(cells, ["plain decoding of the target", "ms/token"], floatfmt=".3g"))
     text = "\n\n".join(parts)
     print(text + "\n", file=file or sys.stdout, flush=True)
     return text
@@ -223,15 +292,15 @@ def _resolve(path: str) -> Path:
     return root
 
 
-def load_models(args) -> Tuple[Any, Any, torch.Tensor, torch.Tensor]:
-    """``(target, draft, prompt, lookup_prompt)`` from checkpoints or (``--random``) the demo pair."""
+def load_models(args) -> Tuple[Any, Any, List[torch.Tensor], torch.Tensor]:
+    """``(target, draft, prompts, lookup_prompt)`` from checkpoints or (``--random``) the demo pair."""
     g = torch.Generator().manual_seed(args.seed)
     if args.random:
         target, draft = make_demo_pair(seed=args.seed)
         V = target.config.vocab_size
         prompt = torch.randint(0, V, (1, args.random_prompt_len), generator=g)
         passage = torch.randint(0, V, (1, 32), generator=g)
-        return target, draft, prompt, torch.cat([passage, passage[:, :16]], dim=1)
+        return target.to(getattr(torch, args.dtype)), draft, [prompt], torch.cat([passage, passage[:, :16]], dim=1)
     if args.target is None:
         raise SystemExit("give --target DIR (with --draft DIR or --draft-layers N), or --random")
     from transformer.checkpoint import load_model
@@ -245,10 +314,10 @@ def load_models(args) -> Tuple[Any, Any, torch.Tensor, torch.Tensor]:
                          "N layers as the draft)")
     if tokenizer is None:
         raise SystemExit(f"{args.target} holds no tokenizer; cannot encode --prompt")
-    prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long)
+    prompts = [torch.tensor([tokenizer.encode(text)], dtype=torch.long) for text in (args.prompt or DEFAULT_PROMPTS)]
     half = PASSAGE[:len(PASSAGE) // 2]
     lookup = torch.tensor([tokenizer.encode(PASSAGE + "\n" + half)], dtype=torch.long)
-    return target, draft, prompt, lookup
+    return target.to(getattr(torch, args.dtype)), draft, prompts, lookup
 
 
 def fit_prompt(ids: torch.Tensor, target, draft, new_tokens: int) -> torch.Tensor:
@@ -283,7 +352,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="no draft checkpoint: use the target's first N layers as the draft")
     p.add_argument("--random", action="store_true",
                    help="no checkpoints: a random 8-layer target and its first layer as the draft")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text for trained checkpoints")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text for trained checkpoints (repeat for several; default: four play openings, "
+                        "three from held-out plays)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the target's dtype, for the baseline and the verification passes alike (the draft stays "
+                        "float32) [default: float32]")
+    p.add_argument("--draft-mode", choices=("eager", "fast", "compile"), default="eager",
+                   help="how the draft model runs: the model's ordinary forward, FastDecoder steps, or compiled "
+                        "FastDecoder steps (greedy drafts: one compiled call per round) [default: eager]")
+    p.add_argument("--no-adaptive", action="store_true", help="skip the adaptive-draft-length row")
+    p.add_argument("--no-prompt-lookup", action="store_true", help="skip the prompt-lookup table")
+    p.add_argument("--reference", action="store_true",
+                   help="also time plain decoding of the target in float32, bfloat16 and compiled (context)")
     p.add_argument("--quick", action="store_true", help="smoke test: 16 tokens, k=2 and adaptive, one timed call")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens per call (default 128; --quick: 16)")
     p.add_argument("--draft-lengths", type=_ints, default=None, metavar="K[,K...]",
@@ -304,6 +385,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def config_from_args(args) -> SpecBenchConfig:
     cfg = quick_config() if args.quick else SpecBenchConfig()
     changes: Dict[str, Any] = {"seed": args.seed, "random_prompt_len": args.random_prompt_len}
+    if args.no_adaptive:
+        changes["adaptive"] = False
+    if args.no_prompt_lookup:
+        changes["prompt_lookup"] = False
     for name in ("new_tokens", "draft_lengths", "temperatures", "repeats"):
         value = getattr(args, name)
         if value is not None:
@@ -317,10 +402,11 @@ def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
     cfg = config_from_args(args)
     set_threads(args.threads)
-    target, draft, prompt, lookup_prompt = load_models(args)
-    prompt = fit_prompt(prompt, target, draft, cfg.new_tokens)
+    target, draft, prompts, lookup_prompt = load_models(args)
+    prompts = [fit_prompt(p, target, draft, cfg.new_tokens) for p in prompts]
     lookup_prompt = fit_prompt(lookup_prompt, target, draft, cfg.new_tokens)
-    result = run_spec_benchmark(target, draft, prompt, lookup_prompt, cfg, progress=not args.no_progress)
+    result = run_spec_benchmark(target, draft, prompts, lookup_prompt, cfg, progress=not args.no_progress,
+                                draft_mode=args.draft_mode, reference=args.reference)
     machine = machine_description()
     text = render(result, machine)
     out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)

@@ -120,4 +120,8 @@ def test_fast_path_prints_the_plain_greedy_text(runs, capsys):
     code, fast, err = _run(capsys, "--checkpoint", target, "--fast", *GREEDY)
     assert code == 0 and fast == plain and "fast path" in err
     code, _, err = _run(capsys, "--checkpoint", target, "--fast", "--speculative", "--prompt-lookup")
-    assert code == 1 and "--compile/--fast" in err
+    assert code == 1 and "--compile/--fast" in err and "no draft model" in err
+    # with a draft model, --fast puts the draft's steps on the fast path: still the plain greedy text
+    code, spec, err = _run(capsys, "--checkpoint", target, "--fast", "--speculative", "--draft-checkpoint", runs[1],
+                           *GREEDY)
+    assert code == 0 and spec == plain and "speculative (draft model" in err and "fast)" in err

@@ -70,10 +70,15 @@ def test_runs_on_saved_checkpoints(tmp_path):
     save_model(tmp_path / "draft", draft)
     before = torch.get_num_threads()
     try:
-        for extra in (["--draft", str(tmp_path / "draft")], ["--draft-layers", "1"]):
+        for extra in (["--draft", str(tmp_path / "draft"), "--draft-mode", "fast", "--prompt", "ab", "--prompt", "xyz"],
+                      ["--draft-layers", "1", "--reference"]):
             result = main(["--target", str(tmp_path / "target"), *extra, "--quick", "--threads", "1", "--no-progress",
                            "--temperatures", "0", "--out", str(tmp_path / "r.json")])
             assert all(r["same_tokens_as_target"] for r in result["draft_model"] + result["prompt_lookup"])
-            assert result["lookup_prompt_tokens"] > result["prompt_tokens"]
+            assert result["lookup_prompt_tokens"] > max(result["prompt_tokens"])
+        assert [r["mode"] for r in result["reference"]] == [
+            "plain cached decoding, float32 (eager)", "plain cached decoding, bfloat16 (eager)",
+            "plain decoding, float32, FastDecoder (compiled)"]
+        assert all(r["ms_per_token"] > 0 for r in result["reference"])
     finally:
         torch.set_num_threads(before)

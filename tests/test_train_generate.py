@@ -174,6 +174,48 @@ def test_draft_run_reuses_the_tokenizer(tiny_run, corpus_file, tmp_path, capsys)
     assert load_model(draft / "best")[0].config.d_model == 16
 
 
+def test_distilled_draft_run_and_its_errors(tiny_run, corpus_file, tmp_path, capsys):
+    """``--teacher out/``: the draft learns the teacher's distribution (KL) and says so; a teacher
+    with another vocabulary or no checkpoint at all is refused before training starts."""
+    full, _ = tiny_run
+    args = [*TINY, "--data", str(corpus_file), "--tokenizer", str(full), "--max-steps", "4", "--eval-interval", "2",
+            "--d-model", "16"]
+    assert train_script.main([*args, "--teacher", str(full), "--out-dir", str(tmp_path / "kd")]) == 0
+    assert "distilling from" in capsys.readouterr().out
+    log = [json.loads(line) for line in (tmp_path / "kd" / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["train_loss"]) and r["train_loss"] >= 0 for r in log if "train_loss" in r)
+    with pytest.raises(SystemExit, match="--teacher .*does not exist; train the teacher first"):
+        train_script.main([*args, "--teacher", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "x")])
+    other = tmp_path / "other"
+    save_model(other, DecoderOnlyTransformer(ModelConfig(vocab_size=7, d_model=8, n_layers=1, n_heads=1)))
+    with pytest.raises(SystemExit, match="vocabulary"):
+        train_script.main([*args, "--teacher", str(other), "--out-dir", str(tmp_path / "y")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train_script.main([*args, "--teacher", str(full), "--distill-weight", "1.5", "--out-dir", str(tmp_path / "z")])
+    assert "--distill-weight must be in [0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_distill_loss_is_ce_plus_kl():
+    """weight 0: the plain cross-entropy; weight 1: KL(teacher || student), zero for a copy of the
+    teacher and positive otherwise; in between, the mix; the teacher gets no gradient."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2, max_seq_len=32)
+    student, teacher = DecoderOnlyTransformer(cfg), DecoderOnlyTransformer(cfg)
+    x, y = torch.randint(0, 50, (3, 10)), torch.randint(0, 50, (3, 10))
+    ce = T.lm_loss(student, x, y)
+    assert torch.allclose(T.distill_loss(student, teacher, x, y, 0.0), ce)
+    p_t = torch.softmax(teacher(x).float(), -1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(student(x).float(), -1))).sum(-1).mean()
+    assert torch.allclose(T.distill_loss(student, teacher, x, y, 1.0), kl, atol=1e-6)
+    assert kl > 1e-3
+    assert torch.allclose(T.distill_loss(student, teacher, x, y, 0.25), 0.75 * ce + 0.25 * kl, atol=1e-6)
+    assert T.distill_loss(teacher, teacher, x, y, 1.0).abs() < 1e-6
+    T.distill_loss(student, teacher, x, y, 0.5).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
 # ---- generate.py errors -----------------------------------------------------------------------
 
 def test_missing_checkpoint_names_the_command(tmp_path, capsys):

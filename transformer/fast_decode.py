@@ -448,6 +448,131 @@ class FastDecoder:
             ctx.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
         return ctx
 
+    # ----------------------------------------------------------------------- scoring, token by token
+    def prepare(self) -> None:
+        """Get ready for a run of :meth:`logits_at` calls (a new sequence): check that the
+        parameters are the ones this decoder was built on, refresh the CPU copy of the output
+        head, recompile if the weights changed in place, and clear the padding mask.  O(params)."""
+        if self._fingerprint() != self._param_ptrs:
+            raise RuntimeError("the model's parameters were replaced (model.to(), a new state dict by "
+                               "assignment...) since this FastDecoder was built; build a new one")
+        with torch.inference_mode():
+            self._refresh_lm_head()
+            self._drop_stale_compiled_steps()
+            self.key_ok.fill_(True)
+
+    def _logits_body(self, kv_len: Optional[int]) -> torch.Tensor:
+        """``token`` at ``slot`` (position ``pos``) through the model: float32 logits ``(B, V)``."""
+        return self._forward(self.token, self.slot, self.pos, kv_len).float()
+
+    def _greedy_draft_body(self, k: int, kv_len: int) -> torch.Tensor:
+        """``k`` greedy steps in one traced function, starting with ``token`` at ``slot``: each
+        step feeds the previous argmax.  Returns the ``(B, k)`` argmax tokens; the last one is
+        not fed (the cache gains ``k`` slots)."""
+        out = []
+        for i in range(k):
+            nxt = self._forward(self.token, self.slot, self.pos, kv_len + i).float().argmax(-1)  # (B,)
+            out.append(nxt)
+            if i + 1 < k:
+                self.token.copy_(nxt.unsqueeze(1))
+                self.slot.add_(1)
+                self.pos.add_(1)
+        return torch.stack(out, dim=1)
+
+    def _place(self, ids: torch.Tensor, start: int) -> None:
+        """Set the step state to ``ids`` ``(B, 1)`` at slot and position ``start``."""
+        self.token.copy_(ids)
+        self.slot.fill_(start)
+        self.pos.fill_(start)
+
+    def _compiled(self, key, body: Callable, n_slots: int) -> Callable:
+        """``body`` compiled (``compile=True``) or as it is; kept under ``key``.
+
+        Compiling means two warm-up calls (the second makes ``kv_len`` a symbolic size, see
+        :meth:`_step`), which write cache slots ``0 .. n_slots - 1``: those slots are saved
+        and restored, so a function first needed in the middle of a sequence (a new draft
+        length) leaves the cache as it was."""
+        fn = self._steps.get(key)
+        if fn is not None:
+            return fn
+        fn = body
+        if self.compile:
+            import torch._inductor.config as inductor_config
+
+            _allow_recompiles()
+            self._weights_version = self._version()
+            fn = torch.compile(body, fullgraph=True, dynamic=None)
+            with torch.inference_mode():
+                saved = [t.narrow(self.cache._sd, 0, n_slots).clone() for t in self.cache.keys + self.cache.values]
+                with inductor_config.patch(self.compile_options):
+                    for kv_len in (2, 3):
+                        self._place(torch.zeros_like(self.token), 0)
+                        fn(kv_len)
+                for t, old in zip(self.cache.keys + self.cache.values, saved):
+                    t.narrow(self.cache._sd, 0, n_slots).copy_(old)
+        self._steps[key] = fn
+        return fn
+
+    def _check_span(self, ids: torch.Tensor, start: int, n: int) -> None:
+        B, S = ids.shape
+        if B != self.batch_size:
+            raise ValueError(f"ids has batch {B}, but this FastDecoder was built for batch_size={self.batch_size}")
+        if S < 1 or start < 0 or start + n > self.max_cache_len:
+            raise ValueError(f"slots {start}..{start + n - 1} (ids of length {S} at start={start}) must lie in "
+                             f"[0, max_cache_len={self.max_cache_len})")
+
+    def logits_at(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Feed ``ids`` ``(B, S)`` at cache slots (= positions) ``start .. start + S - 1`` and
+        return the float32 logits ``(B, V)`` of the last one -- the next-token distribution.
+
+        This is the step a *draft model* needs in speculative decoding: rolling back is free,
+        because attention only sees slots ``<=`` the query's own slot, so whatever an earlier
+        call left at ``start`` and beyond is hidden and then overwritten.  Call :meth:`prepare`
+        once before a new sequence; no padding (every row has the same positions).
+
+        Cost: single tokens go through the one-token step (compiled when ``compile=True``:
+        measured 0.12 ms for the 0.9M-parameter draft preset on one CPU core, against 0.33 ms
+        eager); a few tokens (``S <= 4``, e.g. catching up after an accepted round) as that many
+        steps; a longer ``ids`` (a prompt) in one eager pass over ``S`` tokens.
+        """
+        B, S = ids.shape
+        self._check_span(ids, start, S)
+        if S > 4:  # a prompt: one eager pass over the S tokens
+            with torch.inference_mode():
+                slots = torch.arange(start, start + S, device=self.device)
+                return self._forward(ids, slots, slots.expand(B, S), start + S).float()
+        fn = self._compiled("logits", self._logits_body, 1)
+        with self._loop_context():
+            for i in range(S):
+                self._place(ids[:, i:i + 1], start + i)
+                # kv_len: the filled slots plus one masked spare (never 1, see _warm_up)
+                logits = fn(min(start + i + 2, self.max_cache_len))
+        return logits
+
+    def greedy_draft(self, ids: torch.Tensor, start: int, k: int) -> torch.Tensor:
+        """Feed ``ids`` ``(B, S)`` at slots ``start ..`` and continue greedily: the ``(B, k)``
+        argmax tokens, as ``k`` calls of :meth:`logits_at` would give them.
+
+        The ``k`` steps run as *one* function (one compiled graph per ``k`` when
+        ``compile=True``): the host launches one call per round of speculative decoding
+        instead of ``k``, which matters when a step is as small as a draft model's (measured on
+        one CPU core, draft preset: ~0.05 ms per drafted token instead of ~0.15).  ``ids[:, :-1]``
+        (tokens the cache missed) go through :meth:`logits_at` first.  The cache gains
+        ``S - 1 + k`` slots (the last draft is not fed).  Greedy only: a sampling drafter needs
+        each step's distribution on the host, so it uses :meth:`logits_at`.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        B, S = ids.shape
+        self._check_span(ids, start, S - 1 + k)
+        if S > 1:
+            self.logits_at(ids[:, :-1], start)
+            start += S - 1
+        fn = self._compiled(("greedy_draft", k), functools.partial(self._greedy_draft_body, k), k)
+        with self._loop_context():
+            self._place(ids[:, -1:], start)
+            return fn(start + 2).clone()
+
     # ----------------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
@@ -563,18 +688,19 @@ class _DecoderRegistry(dict):
         return (_DecoderRegistry, ())
 
 
-def get_fast_decoder(model, batch_size: int, needed_len: int, compile: bool) -> FastDecoder:
+def get_fast_decoder(model, batch_size: int, needed_len: int, compile: bool, role: str = "generate") -> FastDecoder:
     """A :class:`FastDecoder` for ``model`` kept between ``generate`` calls (so the compile and the
     CUDA-graph capture are paid once).  Capacity: ``needed_len`` rounded up to a multiple of 64
     (fewer distinct decoders; attention reads at most 63 extra slots).  Up to four decoders are
     kept per model (least recently used dropped); one whose model parameters were replaced
-    (``model.to(...)``) is rebuilt."""
+    (``model.to(...)``) is rebuilt.  ``role`` keeps users apart that must not share a cache:
+    ``generate`` and a speculative-decoding drafter (``"draft"``) of the same model."""
     registry = model.__dict__.get("_fast_decoders")
     if registry is None:
         registry = model.__dict__["_fast_decoders"] = _DecoderRegistry()
     capacity = 64 * math.ceil(needed_len / 64)
     weight = model.decoder.lm_head.weight
-    key = (batch_size, capacity, bool(compile), str(weight.device), weight.dtype)
+    key = (role, batch_size, capacity, bool(compile), str(weight.device), weight.dtype)
     dec = registry.pop(key, None)
     if dec is not None and dec._fingerprint() != dec._param_ptrs:
         dec = None
