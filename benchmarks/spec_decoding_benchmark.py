@@ -107,8 +107,14 @@ def quick_config() -> SpecBenchConfig:
 
 
 def _time_once(fn: Callable[[], Any]) -> float:
+    """Wall time of ``fn()`` in seconds (CUDA work included: synchronised before and after)."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -239,7 +245,8 @@ def render(result: Dict[str, Any], machine: Dict[str, Any], file=None) -> str:
     n = result["config"]["new_tokens"]
     lengths = result["prompt_tokens"]
     draft_mode = {"eager": "eager", "fast": "FastDecoder steps", "compile": "compiled FastDecoder steps"}
-    parts = [f"Machine: {format_machine(machine)}",
+    parts = [f"Machine: {format_machine(machine)}" + (f"; device: {result['device']}"
+                                                      if result.get("device", "cpu") != "cpu" else ""),
              f"Target {result['target_params'] / 1e6:.3g}M parameters in {result.get('target_dtype', 'float32')} "
              f"(eager; the baseline is the same model's plain cached decoding), draft "
              f"{result['draft_params'] / 1e6:.3g}M in float32 ({draft_mode[result.get('draft_mode', 'eager')]}); "
@@ -363,6 +370,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "FastDecoder steps (greedy drafts: one compiled call per round) [default: eager]")
     p.add_argument("--no-adaptive", action="store_true", help="skip the adaptive-draft-length row")
     p.add_argument("--no-prompt-lookup", action="store_true", help="skip the prompt-lookup table")
+    p.add_argument("--device", default="cpu", help="cpu or cuda [default: cpu]")
     p.add_argument("--reference", action="store_true",
                    help="also time plain decoding of the target in float32, bfloat16 and compiled (context)")
     p.add_argument("--quick", action="store_true", help="smoke test: 16 tokens, k=2 and adaptive, one timed call")
@@ -403,10 +411,14 @@ def main(argv=None) -> Dict[str, Any]:
     cfg = config_from_args(args)
     set_threads(args.threads)
     target, draft, prompts, lookup_prompt = load_models(args)
+    device = torch.device(args.device)
+    target, draft = target.to(device), draft.to(device)
+    prompts, lookup_prompt = [p.to(device) for p in prompts], lookup_prompt.to(device)
     prompts = [fit_prompt(p, target, draft, cfg.new_tokens) for p in prompts]
     lookup_prompt = fit_prompt(lookup_prompt, target, draft, cfg.new_tokens)
     result = run_spec_benchmark(target, draft, prompts, lookup_prompt, cfg, progress=not args.no_progress,
                                 draft_mode=args.draft_mode, reference=args.reference)
+    result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     machine = machine_description()
     text = render(result, machine)
     out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)

@@ -40,6 +40,9 @@ machine.
 
 Use it through ``generate(model, ids, n, compile=True)`` (or ``fast=True`` for the same step
 without ``torch.compile``), or build a :class:`FastDecoder` yourself to reuse it across calls.
+The same step also serves a speculative-decoding *draft* model token by token
+(:meth:`FastDecoder.logits_at`, and :meth:`FastDecoder.greedy_draft` for ``k`` greedy guesses in
+one compiled call; see ``spec_decoding.ModelDrafter(compile=True)``).
 Decoder-only models only.  The tokens are those of ``generate`` with a cache: exactly at
 temperature 0 in float32 (tested); sampled tokens follow the same distribution
 (:func:`transformer.sampling.process_logits`) from a different random stream.
