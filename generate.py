@@ -241,7 +241,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as e:  # GPT2FormatError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
-    config = model.config
     seq2seq = ckpt.model_type == "encoder_decoder"
     temperature = args.temperature if args.temperature is not None else (0.0 if seq2seq else 0.8)
     sampling = dict(do_sample=temperature > 0, temperature=temperature, top_k=args.top_k or None,

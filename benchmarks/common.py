@@ -161,6 +161,29 @@ def format_machine(desc: Dict[str, Any]) -> str:
             + (f", load average {desc['load_average'][0]:g}" if desc.get("load_average") else ""))
 
 
+# --------------------------------------------------------------------------- command-line lists
+def _number_list(text: str, convert: Callable[[str], Any], ok: Callable[[Any], bool], what: str) -> tuple:
+    import argparse
+
+    try:
+        values = tuple(convert(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what} like 1,2,4, got {text!r}")
+    if not values or not all(ok(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return values
+
+
+def int_list(text: str) -> tuple:
+    """argparse ``type``: ``"256,1024"`` -> ``(256, 1024)``; positive integers only."""
+    return _number_list(text, int, lambda v: v >= 1, "positive integers")
+
+
+def float_list(text: str) -> tuple:
+    """argparse ``type``: ``"0,0.8"`` -> ``(0.0, 0.8)``; numbers >= 0 only."""
+    return _number_list(text, float, lambda v: v >= 0, "numbers >= 0")
+
+
 # --------------------------------------------------------------------------- tables
 def _cell(value: Any, floatfmt: str) -> str:
     if value is None:

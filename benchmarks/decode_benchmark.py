@@ -87,7 +87,7 @@ import kv_cache
 from kv_cache import DynamicKVCache
 from transformer import DecoderOnlyTransformer, ModelConfig
 
-from .common import (TimingResult, format_machine, load_average, machine_description, markdown_table,
+from .common import (TimingResult, format_machine, int_list, load_average, machine_description, markdown_table,
                      set_threads, write_results)
 
 try:  # progress bar is a nicety, never a requirement
@@ -563,16 +563,6 @@ def render(result: Dict[str, Any], machine: Dict[str, Any], file=None) -> str:
     return "\n\n".join(parts)
 
 
-def _int_list(text: str) -> Tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 256,1024, got {text!r}")
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.decode_benchmark",
@@ -584,9 +574,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None,
                    help=f"JSON file to write (default {DEFAULT_OUT}, or {QUICK_OUT} with --quick); "
                         f"the tables go next to it with a .md suffix")
-    p.add_argument("--new-tokens", type=_int_list, default=None, metavar="N[,N...]",
+    p.add_argument("--new-tokens", type=int_list, default=None, metavar="N[,N...]",
                    help="decode lengths to time (default 256,1024; --quick: 32,64)")
-    p.add_argument("--append-lengths", type=_int_list, default=None, metavar="L[,L...]",
+    p.add_argument("--append-lengths", type=int_list, default=None, metavar="L[,L...]",
                    help="cache lengths for the append benchmark (default 128,256,...,8192)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per cached mode (default 3; median reported)")
     p.add_argument("--uncached-repeats", type=int, default=None,

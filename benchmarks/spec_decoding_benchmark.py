@@ -70,7 +70,8 @@ import torch
 
 from spec_decoding import ModelDrafter, PromptLookupDrafter, make_demo_pair, speculative_generate, truncated_draft
 
-from .common import format_machine, machine_description, markdown_table, set_threads, write_results
+from .common import (float_list, format_machine, int_list, machine_description, markdown_table, set_threads,
+                     write_results)
 
 try:  # progress bar is a nicety, never a requirement
     from tqdm.auto import tqdm
@@ -339,14 +340,6 @@ def fit_prompt(ids: torch.Tensor, target, draft, new_tokens: int) -> torch.Tenso
     return ids
 
 
-def _floats(text: str) -> Tuple[float, ...]:
-    return tuple(float(x) for x in text.split(","))
-
-
-def _ints(text: str) -> Tuple[int, ...]:
-    return tuple(int(x) for x in text.split(","))
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.spec_decoding_benchmark",
@@ -375,9 +368,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time plain decoding of the target in float32, bfloat16 and compiled (context)")
     p.add_argument("--quick", action="store_true", help="smoke test: 16 tokens, k=2 and adaptive, one timed call")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens per call (default 128; --quick: 16)")
-    p.add_argument("--draft-lengths", type=_ints, default=None, metavar="K[,K...]",
+    p.add_argument("--draft-lengths", type=int_list, default=None, metavar="K[,K...]",
                    help="draft lengths k to compare (default 1,2,3,4,6,8)")
-    p.add_argument("--temperatures", type=_floats, default=None, metavar="T[,T...]",
+    p.add_argument("--temperatures", type=float_list, default=None, metavar="T[,T...]",
                    help="temperatures (default 0,0.8; 0 = greedy)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per setting (default 3; median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all available cores)")

@@ -145,27 +145,27 @@ class ModelDrafter:
         if k <= 0:
             return _empty(tokens.device)
         feed = tokens[:, self.length:]  # what the cache has not seen (>= 1 token)
+        probs = []
         if self.fast and settings.greedy:  # all k greedy steps in one call (one compiled graph)
-            S = feed.shape[1]
-            drafts = self.decoder.greedy_draft(feed, self.length, k)[0]  # (k,)
-            self.length += S - 1 + k
-            self.forward_passes += k + (S - 1 if S <= 4 else 1)  # catching up: one pass per token, a prompt: one
-            self.cache.set_seq_length(self.length)
-            return Proposal(drafts, None)
-        drafted, probs = [], []
-        for _ in range(k):
-            logits = self._logits(feed)  # (1, V)
-            if settings.greedy:  # q is a point mass on the argmax: no need to store it
-                x = logits.argmax(-1)
-            else:
-                q = probs_from_logits(logits, settings)  # (1, V)
-                x = torch.multinomial(q, 1, generator=generator).squeeze(-1)
-                probs.append(q)
-            drafted.append(x)
-            feed = x[:, None]
+            drafted = self.decoder.greedy_draft(feed, self.length, k)[0]  # (k,)
+            self.length += feed.shape[1] - 1 + k
+            self.forward_passes += k + int(feed.shape[1] > 1)  # + one catch-up call for the missed tokens
+        else:
+            drafted = []
+            for _ in range(k):
+                logits = self._logits(feed)  # (1, V)
+                if settings.greedy:  # q is a point mass on the argmax: no need to store it
+                    x = logits.argmax(-1)
+                else:
+                    q = probs_from_logits(logits, settings)  # (1, V)
+                    x = torch.multinomial(q, 1, generator=generator).squeeze(-1)
+                    probs.append(q)
+                drafted.append(x)
+                feed = x[:, None]
+            drafted = torch.cat(drafted)
         if self.fast:  # host bookkeeping, so that cache.get_seq_length() / get() tell the truth
             self.cache.set_seq_length(self.length)
-        return Proposal(torch.cat(drafted), torch.cat(probs) if probs else None)
+        return Proposal(drafted, torch.cat(probs) if probs else None)
 
     def rollback(self, length):
         self.length = min(length, self.length)

@@ -345,13 +345,7 @@ class FastDecoder:
         if fn is not None:
             return fn
         fn = functools.partial(self._step, sampling)
-        settings = contextlib.nullcontext()
-        if self.compile:
-            import torch._inductor.config as inductor_config
-
-            _allow_recompiles()
-            settings = inductor_config.patch(self.compile_options)  # read while compiling (warm-up)
-            self._weights_version = self._version()
+        settings = self._compile_settings() if self.compile else contextlib.nullcontext()
         if self.cuda_graph:
             if self.compile:
                 fn = torch.compile(fn, fullgraph=True, dynamic=False)
@@ -366,6 +360,16 @@ class FastDecoder:
                 self._warm_up(fn, 2)  # compile now: the decode loop runs without guard checks
         self._steps[sampling] = fn
         return fn
+
+    def _compile_settings(self):
+        """Before a ``torch.compile``: allow the recompiles, remember the weights the frozen graph
+        bakes in, and return the ``torch._inductor.config`` patch to hold while it compiles (the
+        warm-up calls, where compilation actually happens)."""
+        import torch._inductor.config as inductor_config
+
+        _allow_recompiles()
+        self._weights_version = self._version()
+        return inductor_config.patch(self.compile_options)
 
     def _version(self) -> int:
         """Sum of the parameters' version counters: changes with every in-place update."""
@@ -500,14 +504,11 @@ class FastDecoder:
             return fn
         fn = body
         if self.compile:
-            import torch._inductor.config as inductor_config
-
-            _allow_recompiles()
-            self._weights_version = self._version()
+            settings = self._compile_settings()
             fn = torch.compile(body, fullgraph=True, dynamic=None)
             with torch.inference_mode():
                 saved = [t.narrow(self.cache._sd, 0, n_slots).clone() for t in self.cache.keys + self.cache.values]
-                with inductor_config.patch(self.compile_options):
+                with settings:
                     for kv_len in (2, 3):
                         self._place(torch.zeros_like(self.token), 0)
                         fn(kv_len)
