@@ -5,6 +5,7 @@ Examples::
     python train.py                                   # default CPU model on Shakespeare, ~9 min, -> out/
     python generate.py --prompt "ROMEO:"              # then sample from it
     python train.py --preset draft --tokenizer out --teacher out --out-dir out-draft   # draft, distilled
+                                                      # on the corpus and on text out/ writes first
     python train.py --data my_texts/ --vocab-size 2048 --max-steps 500    # any UTF-8 file or folder
     python train.py --resume                          # continue out/last after an interruption
     python train.py --model encoder-decoder --task reverse                # seq2seq, exact match
@@ -17,7 +18,10 @@ What happens (language model):
 2. Train a SentencePiece tokenizer (``--tokenizer-type bpe|unigram``, ``--vocab-size``) on the
    training split only -- or reuse one with ``--tokenizer DIR`` -- and save it in ``--out-dir``.
 3. Train with AdamW, linear warmup + cosine decay and gradient clipping for ``--max-steps``
-   steps of random ``--batch-size`` x ``--block-size`` windows.
+   steps of random ``--batch-size`` x ``--block-size`` windows.  With ``--teacher DIR`` the loss
+   is the KL divergence to that model's distribution, and (``--teacher-samples N``, on in the
+   draft preset) the teacher first writes ``N`` continuations of training-text prompts that fill
+   ``--teacher-mix`` of every batch: a speculative-decoding draft learns on the target's own text.
 4. Every ``--eval-interval`` steps: validation loss on a fixed subset, in nats/token and in
    bits per character (comparable across tokenizers); save ``last/`` (for ``--resume``) and,
    when the loss improved, ``best/`` (what ``generate.py`` loads).
@@ -58,8 +62,8 @@ from transformer import checkpoint as ckpt_mod
 from transformer import training as T
 from transformer.checkpoint import CheckpointError, load_checkpoint, save_model
 from transformer.config import ACTIVATIONS, NORMS, POS_ENCODINGS, ModelConfig
-from transformer.data import (BOS_ID, EOS_ID, PAD_ID, SEQ2SEQ_TASKS, TokenDataset, bits_per_char, count_chars,
-                              load_corpus, make_seq2seq_batch, split_documents, tokenize_documents)
+from transformer.data import (BOS_ID, EOS_ID, PAD_ID, SEQ2SEQ_TASKS, MixedBatches, TokenDataset, bits_per_char,
+                              count_chars, load_corpus, make_seq2seq_batch, split_documents, tokenize_documents)
 from transformer.encoder_decoder import EncoderDecoderTransformer
 from transformer.model import DecoderOnlyTransformer
 from transformer.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
@@ -135,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "how the draft of speculative decoding learns the target's guesses")
     g.add_argument("--distill-weight", type=float, default=None,
                    help="with --teacher: loss = (1-w) * cross-entropy + w * KL(teacher || student) [1.0]")
+    g.add_argument("--teacher-samples", type=int, default=None,
+                   help="with --teacher: the teacher first writes this many continuations of training-text "
+                        "prompts (greedy and sampled at T=0.8 and 1.0, one third each), so the student also "
+                        "learns on text like the target's own output; 0 = corpus only [preset; draft: 3072]")
+    g.add_argument("--teacher-mix", type=float, default=None,
+                   help="with --teacher-samples: fraction of each batch taken from the teacher's text [0.75]")
 
     g = p.add_argument_group("optimisation")
     for name, typ, text in [
@@ -208,6 +218,10 @@ def resolve_configs(args: argparse.Namespace):
         train_over["model"] = args.model
     tcfg = T.TrainConfig(**train_over)
     tcfg.validate()
+    for flag in ("teacher_samples", "teacher_mix"):
+        if getattr(args, flag) is not None and tcfg.teacher is None:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} needs --teacher (the model that "
+                             f"writes the text); without one the student trains on the corpus only")
     return model_over, tcfg, preset
 
 
@@ -381,6 +395,26 @@ def load_teacher(tcfg: T.TrainConfig, mcfg: ModelConfig, device: torch.device) -
     return teacher.eval()
 
 
+def teacher_text_batches(ctx: T.Distributed, tcfg: T.TrainConfig, teacher, train_ids, stream: TokenDataset,
+                         device: torch.device, no_progress: bool) -> MixedBatches:
+    """``--teacher-samples``: the teacher writes its text (same seed on every rank, and again on
+    ``--resume``), which then fills ``--teacher-mix`` of every batch."""
+    length = min(tcfg.block_size + 1, teacher.config.max_seq_len)
+    prompt_len = min(32, length // 2)
+    log(ctx, f"the teacher writes {tcfg.teacher_samples} continuations of {length - prompt_len} tokens after "
+             f"{prompt_len}-token training-text prompts (greedy, T=0.8, T=1.0) ...")
+    t0 = time.perf_counter()
+    bar = tqdm(total=tcfg.teacher_samples, desc="teacher text", unit="seq", dynamic_ncols=True,
+               disable=not ctx.is_main or no_progress)
+    seqs = T.teacher_continuations(teacher, train_ids, tcfg.teacher_samples, length, prompt_len=prompt_len,
+                                   seed=tcfg.seed, progress=lambda done: bar.update(done - bar.n))
+    bar.close()
+    rows = round(tcfg.teacher_mix * tcfg.batch_size)
+    log(ctx, f"teacher text: {seqs.numel():,} tokens in {time.perf_counter() - t0:.0f} s; {rows} of every "
+             f"{tcfg.batch_size} rows per batch come from it")
+    return MixedBatches(stream, seqs, rows, seed=tcfg.seed + 7919 + ctx.rank, device=device)
+
+
 def run(args, model_over, tcfg: T.TrainConfig, preset: str, ctx: T.Distributed, device: torch.device) -> int:
     t_start = time.time()
     threads = T.set_threads(tcfg.threads, ctx.world_size) if device.type == "cpu" else torch.get_num_threads()
@@ -453,6 +487,8 @@ def run(args, model_over, tcfg: T.TrainConfig, preset: str, ctx: T.Distributed, 
     torch.manual_seed(tcfg.seed + ctx.rank)  # dropout masks differ per rank
     if tcfg.model == "decoder":
         data = TokenDataset(train_ids, tcfg.block_size, tcfg.batch_size, seed=tcfg.seed + ctx.rank, device=device)
+        if teacher is not None and tcfg.teacher_samples:
+            data = teacher_text_batches(ctx, tcfg, teacher, train_ids, data, device, args.no_progress)
     else:
         data = torch.Generator().manual_seed(tcfg.seed + ctx.rank)
         problems = T.make_eval_problems(tcfg.task, tcfg.eval_examples, tcfg.seed + 1_000_003, tcfg.task_min_len,

@@ -2,8 +2,8 @@
 
 Run from the repository root::
 
-    python -m benchmarks.spec_decoding_benchmark --target out --draft out-draft \
-        --dtype bfloat16 --draft-mode compile --reference --threads 1                 # the README's table
+    python -m benchmarks.spec_decoding_benchmark --target out --draft out-draft --dtype bfloat16 \
+        --draft-mode compile --reference --repeats 5 --draft-lengths 2,3,4,6,8,12     # the README's table
     python -m benchmarks.spec_decoding_benchmark --target out --draft out-draft   # eager, float32
     python -m benchmarks.spec_decoding_benchmark --random                         # no checkpoints needed
     python -m benchmarks.spec_decoding_benchmark --random --quick                 # smoke test (seconds)
@@ -32,6 +32,10 @@ For each temperature in ``--temperatures`` (default 0 and 0.8; no top-k / top-p)
 
 * **baseline** -- ``target.generate(prompt, N, do_sample=T > 0, temperature=T)`` with a dynamic
   KV cache: plain cached decoding, one target pass per token.
+* **float32 baseline** (when ``--dtype`` is not float32) -- the same call on a float32 copy of
+  the target, timed in the same round-robin: on a CPU eager float32 decoding is faster than
+  bfloat16 (a one-row bfloat16 product is slow), so ``speedup vs float32`` is the speedup over
+  the fastest plain eager decoding of the target, the honest figure for a bfloat16 target.
 * **draft model, k = ...** -- ``speculative_generate(target, draft, prompt, N,
   num_draft_tokens=k, temperature=T)`` for each ``k`` in ``--draft-lengths``, plus one
   ``adaptive=True`` row (starting at k = 4).
@@ -58,6 +62,7 @@ baseline's (``same tokens``).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import statistics
 import sys
@@ -132,21 +137,27 @@ def _merge(stats_list):
 
 
 def bench_prompt(target, prompts: List[torch.Tensor], cfg: SpecBenchConfig, temperature: float,
-                 drafters: List[Tuple[str, Any, Dict[str, Any]]], bar=None) -> List[Dict[str, Any]]:
+                 drafters: List[Tuple[str, Any, Dict[str, Any]]], bar=None,
+                 float32_target=None) -> List[Dict[str, Any]]:
     """Time the baseline and each ``(label, drafter, kwargs)``; one row per drafter.
 
     One timed *call* generates ``N`` tokens for every prompt in ``prompts`` in turn, so the
-    numbers average over the prompts (ms/token = call time / (N * len(prompts)))."""
+    numbers average over the prompts (ms/token = call time / (N * len(prompts))).
+    ``float32_target`` (a float32 copy of a lower-precision target) adds a second baseline in
+    the same round-robin: plain decoding in float32, the fastest eager way on a CPU, so that
+    each row also says its speedup over that (``speedup_vs_float32``)."""
     N, seed = cfg.new_tokens, cfg.seed
     outputs: Dict[str, Any] = {}
 
-    def baseline():
-        outs = []
-        for prompt in prompts:
-            g = torch.Generator(device=prompt.device).manual_seed(seed)
-            outs.append(target.generate(prompt, N, do_sample=temperature > 0, temperature=temperature or 1.0,
-                                        generator=g, eos_token_id=None))
-        outputs["baseline"] = outs
+    def plain(model, key):
+        def run():
+            outs = []
+            for prompt in prompts:
+                g = torch.Generator(device=prompt.device).manual_seed(seed)
+                outs.append(model.generate(prompt, N, do_sample=temperature > 0, temperature=temperature or 1.0,
+                                           generator=g, eos_token_id=None))
+            outputs[key] = outs
+        return run
 
     def speculative(label, drafter, kwargs):
         def run():
@@ -155,7 +166,10 @@ def bench_prompt(target, prompts: List[torch.Tensor], cfg: SpecBenchConfig, temp
             outputs[label] = ([tokens for tokens, _ in runs], _merge([st for _, st in runs]))
         return run
 
-    calls = [("baseline", baseline)] + [(label, speculative(label, d, kw)) for label, d, kw in drafters]
+    calls = [("baseline", plain(target, "baseline"))]
+    if float32_target is not None:
+        calls.append(("baseline float32", plain(float32_target, "baseline float32")))
+    calls += [(label, speculative(label, d, kw)) for label, d, kw in drafters]
     samples: Dict[str, List[float]] = {label: [] for label, _ in calls}
     for r in range(cfg.warmup + cfg.repeats):
         for label, fn in calls:
@@ -165,6 +179,7 @@ def bench_prompt(target, prompts: List[torch.Tensor], cfg: SpecBenchConfig, temp
             if bar is not None:
                 bar.update()
     base = statistics.median(samples["baseline"])
+    base32 = statistics.median(samples["baseline float32"]) if float32_target is not None else None
     n_tokens = N * len(prompts)
     rows = []
     for label, drafter, kw in drafters:
@@ -178,6 +193,8 @@ def bench_prompt(target, prompts: List[torch.Tensor], cfg: SpecBenchConfig, temp
             "target_passes": stats.target_forward_passes, "draft_passes": stats.draft_forward_passes,
             "spec_ms_per_token": 1e3 * t / n_tokens, "baseline_ms_per_token": 1e3 * base / n_tokens,
             "speedup": base / t, "same_tokens_as_target": same if temperature == 0 else None,
+            "baseline_float32_ms_per_token": None if base32 is None else 1e3 * base32 / n_tokens,
+            "speedup_vs_float32": None if base32 is None else base32 / t,
             "spec_samples_s": samples[label], "baseline_samples_s": samples["baseline"],
         })
     return rows
@@ -187,8 +204,6 @@ def reference_rows(target, prompts: List[torch.Tensor], cfg: SpecBenchConfig) ->
     """Plain greedy decoding of the target in other modes, for context: eager float32 and
     bfloat16, and the compiled fast path (``generate(compile=True)``, float32).  Same timing
     protocol as the table rows (round-robin, median)."""
-    import copy
-
     N = cfg.new_tokens
     models = {"float32": copy.deepcopy(target).float(), "bfloat16": copy.deepcopy(target).to(torch.bfloat16)}
     modes = [("plain cached decoding, float32 (eager)", models["float32"], {}),
@@ -213,14 +228,18 @@ def run_spec_benchmark(target, draft, prompts: List[torch.Tensor], lookup_prompt
     if cfg.adaptive:
         drafters.append(("draft model, adaptive (k0=4)", drafter, dict(num_draft_tokens=4, adaptive=True)))
     lookup = [("prompt lookup, k=4", PromptLookupDrafter(max_ngram=3), dict(num_draft_tokens=4))]
-    calls = (len(drafters) + 1 + (2 if cfg.prompt_lookup else 0)) * (cfg.warmup + cfg.repeats) * len(cfg.temperatures)
+    # A lower-precision target: also time plain float32 decoding, round-robin with the rest.
+    target32 = None if next(target.parameters()).dtype == torch.float32 else copy.deepcopy(target).float()
+    baselines = 1 + (target32 is not None)
+    calls = ((len(drafters) + baselines + (1 + baselines if cfg.prompt_lookup else 0))
+             * (cfg.warmup + cfg.repeats) * len(cfg.temperatures))
     bar = tqdm(total=calls, desc="generate calls", leave=False, file=sys.stderr) if progress and tqdm else None
     rows, lookup_rows = [], []
     with torch.inference_mode():
         for temperature in cfg.temperatures:
-            rows += bench_prompt(target, prompts, cfg, temperature, drafters, bar)
+            rows += bench_prompt(target, prompts, cfg, temperature, drafters, bar, target32)
             if cfg.prompt_lookup:
-                lookup_rows += bench_prompt(target, [lookup_prompt], cfg, temperature, lookup, bar)
+                lookup_rows += bench_prompt(target, [lookup_prompt], cfg, temperature, lookup, bar, target32)
     ref = reference_rows(target, prompts, cfg) if reference else []  # (copies the model: not in inference mode)
     if bar is not None:
         bar.close()
@@ -238,6 +257,10 @@ def _table(rows: List[Dict[str, Any]]) -> str:
     cells = [[r["drafter"], f"{r['temperature']:g}", r["acceptance_rate"], r["tokens_per_target_pass"],
               r["target_passes"], r["spec_ms_per_token"], r["baseline_ms_per_token"], r["speedup"],
               r["same_tokens_as_target"]] for r in rows]
+    if rows and rows[0].get("speedup_vs_float32") is not None:
+        headers[8:8] = ["ms/token (float32 target alone)", "speedup vs float32"]
+        for cell, r in zip(cells, rows):
+            cell[8:8] = [r["baseline_float32_ms_per_token"], r["speedup_vs_float32"]]
     return markdown_table(cells, headers, floatfmt=".3g")
 
 
@@ -249,7 +272,9 @@ def render(result: Dict[str, Any], machine: Dict[str, Any], file=None) -> str:
     parts = [f"Machine: {format_machine(machine)}" + (f"; device: {result['device']}"
                                                       if result.get("device", "cpu") != "cpu" else ""),
              f"Target {result['target_params'] / 1e6:.3g}M parameters in {result.get('target_dtype', 'float32')} "
-             f"(eager; the baseline is the same model's plain cached decoding), draft "
+             f"(eager; the baseline is the same model's plain cached decoding"
+             + (", and plain decoding of a float32 copy, timed in the same round-robin"
+                if result.get("target_dtype", "float32") != "float32" else "") + "), draft "
              f"{result['draft_params'] / 1e6:.3g}M in float32 ({draft_mode[result.get('draft_mode', 'eager')]}); "
              f"{n} new tokens per prompt; median of {result['config']['repeats']} timed calls.",
              f"### Draft model ({len(lengths)} prompt(s) of {', '.join(map(str, lengths))} tokens)\n\n"

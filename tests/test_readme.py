@@ -16,7 +16,7 @@ def _test_names(path: pathlib.Path) -> set:
 
 
 def test_every_cited_test_exists():
-    cited = re.findall(r"`(test_\w+\.py)(?:::(\w+))?`", README)
+    cited = re.findall(r"`(?:tests/)?(test_\w+\.py)(?:::(\w+))?`", README)
     assert len(cited) > 20, "the README's mapping table should cite the tests"
     for filename, name in cited:
         path = ROOT / "tests" / filename

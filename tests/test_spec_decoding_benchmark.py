@@ -82,3 +82,22 @@ def test_runs_on_saved_checkpoints(tmp_path):
         assert all(r["ms_per_token"] > 0 for r in result["reference"])
     finally:
         torch.set_num_threads(before)
+
+
+def test_bfloat16_target_also_times_a_float32_baseline(tmp_path):
+    """With ``--dtype bfloat16`` each row also has the speedup over plain float32 decoding,
+    timed in the same round-robin (the honest baseline on a CPU, where float32 is faster)."""
+    before = torch.get_num_threads()
+    out = tmp_path / "bf16.json"
+    try:
+        result = main(["--random", "--quick", "--dtype", "bfloat16", "--threads", "1", "--no-adaptive",
+                       "--out", str(out), "--no-progress"])
+    finally:
+        torch.set_num_threads(before)
+    for r in result["draft_model"] + result["prompt_lookup"]:
+        assert r["baseline_float32_ms_per_token"] > 0 and r["speedup_vs_float32"] > 0
+        assert r["speedup_vs_float32"] == pytest.approx(r["baseline_float32_ms_per_token"] / r["spec_ms_per_token"])
+    assert "speedup vs float32" in out.with_suffix(".md").read_text()
+    plain = main(["--random", "--quick", "--threads", "1", "--no-adaptive", "--no-prompt-lookup",
+                  "--out", str(tmp_path / "f32.json"), "--no-progress"])
+    assert plain["draft_model"][0]["speedup_vs_float32"] is None   # a float32 target: one baseline

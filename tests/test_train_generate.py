@@ -196,6 +196,30 @@ def test_distilled_draft_run_and_its_errors(tiny_run, corpus_file, tmp_path, cap
     assert "--distill-weight must be in [0, 1], got 1.5" in capsys.readouterr().err
 
 
+
+def test_teacher_text_run_resumes_exactly_and_its_errors(tiny_run, corpus_file, tmp_path, capsys):
+    """``--teacher-samples``: the teacher writes text first and the batches mix it in; a run
+    killed mid-way and resumed (the text rebuilt from the seed, the mix's RNG restored) ends at
+    the loss of an uninterrupted run.  Without ``--teacher`` the flags are refused."""
+    full, _ = tiny_run
+    args = [*TINY, "--data", str(corpus_file), "--tokenizer", str(full), "--max-steps", "4", "--eval-interval", "2",
+            "--d-model", "16", "--teacher", str(full), "--teacher-samples", "5", "--teacher-mix", "0.5"]
+    assert train_script.main([*args, "--out-dir", str(tmp_path / "whole")]) == 0
+    out = capsys.readouterr().out
+    assert "the teacher writes 5 continuations" in out and "2 of every 4 rows per batch" in out
+    killed = run_script("train.py", *args, "--out-dir", tmp_path / "killed", "--debug-sigkill-at-step", "3",
+                        check=False)
+    assert killed.returncode == -9, killed.stderr
+    assert train_script.main([*args, "--out-dir", str(tmp_path / "killed"), "--resume"]) == 0
+    a, b = metrics(tmp_path / "whole"), metrics(tmp_path / "killed")
+    assert b["resumed"] and b["final_train_loss"] == pytest.approx(a["final_train_loss"], abs=1e-6)
+    capsys.readouterr()
+    for flags, message in ((["--teacher-samples", "8"], "--teacher-samples 8 needs --teacher"),
+                           (["--teacher", str(full), "--teacher-mix", "2"], "--teacher-mix must be in [0, 1], got 2")):
+        with pytest.raises(SystemExit):
+            train_script.main([*TINY, "--data", str(corpus_file), *flags, "--out-dir", str(tmp_path / "bad")])
+        assert message in capsys.readouterr().err
+
 def test_distill_loss_is_ce_plus_kl():
     """weight 0: the plain cross-entropy; weight 1: KL(teacher || student), zero for a copy of the
     teacher and positive otherwise; in between, the mix; the teacher gets no gradient."""

@@ -291,6 +291,75 @@ class TokenDataset:
         self.step, self.seed = int(state["step"]), state["seed"]
 
 
+
+class MixedBatches:
+    """Training batches that mix fixed sequences (e.g. a teacher's text) with stream windows.
+
+    Each :meth:`next_batch` returns ``(x, y)`` of shape ``(batch_size, L - 1)`` where ``L =
+    sequences.shape[1]``: the first ``rows`` rows are whole sequences picked uniformly at random
+    (with replacement) from ``sequences`` ``(N, L)``, the other ``batch_size - rows`` rows come
+    from ``stream`` (a :class:`TokenDataset`, cut to ``L - 1`` tokens if its windows are longer)::
+
+        x = [seq[:-1] for the picked sequences] + [window x[:L-1] for the stream rows]
+        y = the same rows shifted by one token
+
+    ``stream`` keeps drawing its full batch every step (so its own state stays in step with a
+    run without the mix) and supplies ``batch_size``; picks come from this object's own seeded
+    generator.  :meth:`state_dict` / :meth:`load_state_dict` resume both exactly, as
+    :class:`TokenDataset` does; the sequences themselves are not saved (rebuild them with the
+    same seed).  Used by ``train.py --teacher`` with ``--teacher-samples``
+    (:func:`transformer.training.teacher_continuations`).
+
+    Cost per batch: the stream's batch plus a gather of ``rows * L`` ids.
+    """
+
+    def __init__(self, stream: TokenDataset, sequences: torch.Tensor, rows: int, seed: int = 1337,
+                 device: Union[str, torch.device] = "cpu"):
+        if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2 or sequences.dtype != torch.long \
+                or sequences.shape[0] < 1 or sequences.shape[1] < 2:
+            got = tuple(sequences.shape) if isinstance(sequences, torch.Tensor) else type(sequences).__name__
+            raise ValueError(f"sequences must be a (N >= 1, L >= 2) LongTensor, got {got}")
+        if isinstance(rows, bool) or not isinstance(rows, int) or not 0 <= rows <= stream.batch_size:
+            raise ValueError(f"rows must be an int in [0, batch_size={stream.batch_size}], got {rows!r}")
+        if sequences.shape[1] - 1 > stream.block_size:
+            raise ValueError(f"sequences of {sequences.shape[1]} tokens need windows of {sequences.shape[1] - 1}, "
+                             f"longer than the stream's block_size={stream.block_size}")
+        self.stream, self.sequences, self.rows, self.seed = stream, sequences, rows, seed
+        self.batch_size, self.block_size = stream.batch_size, sequences.shape[1] - 1
+        self.device = torch.device(device)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The next ``(x, y)`` pair, each ``(batch_size, L - 1)`` long on ``device``."""
+        x, y = self.stream.next_batch()
+        n = self.rows
+        picks = torch.randint(0, self.sequences.shape[0], (n,), generator=self.generator)
+        seqs = self.sequences[picks].to(x.device)
+        T = self.block_size
+        x = torch.cat([seqs[:, :-1], x[n:, :T]])
+        y = torch.cat([seqs[:, 1:], y[n:, :T]])
+        return x.to(self.device), y.to(self.device)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        """``{"stream": stream.state_dict(), "generator_state", "rows", "num_sequences", "length"}``."""
+        return {"stream": self.stream.state_dict(), "generator_state": self.generator.get_state(),
+                "rows": self.rows, "num_sequences": self.sequences.shape[0], "length": self.sequences.shape[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (from :meth:`state_dict`); the same sequences and shapes are needed."""
+        mine = {"rows": self.rows, "num_sequences": self.sequences.shape[0], "length": self.sequences.shape[1]}
+        for key, value in mine.items():
+            if state.get(key) != value:
+                raise ValueError(f"MixedBatches state has {key}={state.get(key)!r} but this one has {key}={value}; "
+                                 f"resuming needs the same mix (--teacher-samples / --teacher-mix)")
+        self.stream.load_state_dict(state["stream"])
+        self.generator.set_state(state["generator_state"])
+
+
 def iter_eval_batches(tokens, block_size: int, batch_size: int, max_batches: Optional[int] = None,
                       device: Union[str, torch.device] = "cpu") -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """Walk a validation stream in order: every token after the first is a target exactly once.
