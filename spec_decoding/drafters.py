@@ -78,7 +78,9 @@ class ModelDrafter:
             (a fixed-shape static cache and a lean one-token step) instead of the model's
             ordinary forward.
         compile: ``fast`` with the one-token step ``torch.compile``'d (seconds to compile, once
-            per model and cache size; kept on the model between calls).
+            per model and cache size; kept on the model between calls).  Greedy drafting runs
+            all ``k`` steps of a round as one compiled function; only a request's first draft
+            length builds one (up to a minute for k=8), see :meth:`_one_call_length`.
 
     Why ``compile`` matters: speculative decoding pays ``k`` draft steps per round, so it only
     wins if a draft step is much cheaper than a target step.  A small model in eager PyTorch is
@@ -113,6 +115,7 @@ class ModelDrafter:
         self.decoder = None  # the FastDecoder (``fast`` only)
         self.length = 0  # tokens the cache holds (a prefix of the sequence)
         self.forward_passes = 0
+        self._first_round = True  # compiled: the first round's draft length may get a new graph
 
     def reset(self, input_ids, max_len, cache_implementation="dynamic"):
         cfg = self.model.config
@@ -129,6 +132,7 @@ class ModelDrafter:
             self.cache = self.model.new_cache(cache_implementation, input_ids.shape[0], max_len)
         self.length = 0
         self.forward_passes = 0
+        self._first_round = True
 
     def _logits(self, feed: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``(B, V)`` after feeding ``feed`` ``(B, S)`` at position ``self.length``."""
@@ -146,10 +150,11 @@ class ModelDrafter:
             return _empty(tokens.device)
         feed = tokens[:, self.length:]  # what the cache has not seen (>= 1 token)
         probs = []
-        if self.fast and settings.greedy:  # all k greedy steps in one call (one compiled graph)
-            drafted = self.decoder.greedy_draft(feed, self.length, k)[0]  # (k,)
+        k_run = self._one_call_length(k, feed.shape[1]) if self.fast and settings.greedy else None
+        if k_run is not None:  # all k greedy steps in one call (one compiled graph)
+            drafted = self.decoder.greedy_draft(feed, self.length, k_run)[0][:k]  # (k,)
             self.length += feed.shape[1] - 1 + k
-            self.forward_passes += k + int(feed.shape[1] > 1)  # + one catch-up call for the missed tokens
+            self.forward_passes += k_run + int(feed.shape[1] > 1)  # + one catch-up call for the missed tokens
         else:
             drafted = []
             for _ in range(k):
@@ -165,7 +170,29 @@ class ModelDrafter:
             drafted = torch.cat(drafted)
         if self.fast:  # host bookkeeping, so that cache.get_seq_length() / get() tell the truth
             self.cache.set_seq_length(self.length)
+        self._first_round = False
         return Proposal(drafted, torch.cat(probs) if probs else None)
+
+    def _one_call_length(self, k: int, n_feed: int) -> Optional[int]:
+        """How many greedy steps to run in one :meth:`FastDecoder.greedy_draft` call for ``k``
+        drafts, or ``None`` for ``k`` single steps.
+
+        Compiled, every draft length is its own graph, and building one takes seconds to a
+        minute (the ``k`` steps are unrolled: 10 s for k=3, 60 s for k=8 on the 2-core CPU).
+        So only the first round of a request may compile a new length.  A later, shorter
+        length (the last rounds, where fewer tokens remain; an adaptive draft that shrank)
+        runs a longer compiled function and keeps the first ``k`` guesses (the extra ones land
+        in cache slots past the accepted length: masked, then overwritten); a longer one (an
+        adaptive draft that grew) takes ``k`` single compiled steps.  Uncompiled, any length
+        is free."""
+        if not self.compile:
+            return k
+        have = self.decoder.greedy_draft_lengths()
+        if k in have or self._first_round:
+            return k
+        room = self.decoder.max_cache_len - (self.length + n_feed - 1)  # slots the call may write
+        usable = [j for j in have if k <= j <= room]
+        return min(usable) if usable else None
 
     def rollback(self, length):
         self.length = min(length, self.length)

@@ -110,6 +110,45 @@ def test_fast_drafter_greedy_equals_target_greedy(target, draft, adaptive, cache
             assert stats.draft_forward_passes >= stats.proposed_tokens
 
 
+
+class _CompiledPolicyOnEagerSteps(ModelDrafter):
+    """A compiled drafter's choice of draft lengths, run on eager FastDecoder steps (the same
+    functions, uncompiled), so the test costs no compile time."""
+
+    def reset(self, *args, **kwargs):
+        self.compile = False
+        super().reset(*args, **kwargs)
+        self.compile = True
+
+
+def test_compiled_drafter_builds_one_draft_length_per_request(target, draft):
+    """Compiled, each draft length is a graph that takes up to a minute to build: the last
+    rounds (fewer tokens left) and adaptive lengths must reuse the first round's function
+    (truncated) or take single steps, never build new ones -- and keep the target's greedy output."""
+    import copy
+
+    g = torch.Generator().manual_seed(4)
+
+    def run(drafter, k, **kw):
+        ids = torch.randint(0, V, (1, 6), generator=g)
+        out, stats = speculative_generate(target, drafter, ids, 37, num_draft_tokens=k, **kw)
+        assert torch.equal(out, target.generate(ids, 37)), (k, kw)
+        assert stats.draft_forward_passes >= stats.proposed_tokens
+        return stats.proposed_per_round
+
+    def fresh(model):  # a copy without the decoders other tests built on the module's models
+        model = copy.deepcopy(model)
+        model.__dict__.pop("_fast_decoders", None)
+        return model
+
+    noisy = _CompiledPolicyOnEagerSteps(fresh(draft), fast=True)
+    assert run(noisy, 4)[-1] < 4                          # the last round drafts fewer
+    assert min(run(noisy, 4, adaptive=True)) < 4          # rejections shrink the draft length
+    assert noisy.decoder.greedy_draft_lengths() == [4]
+    perfect = _CompiledPolicyOnEagerSteps(fresh(target), fast=True)  # always accepted: grows
+    assert max(run(perfect, 2, adaptive=True, max_draft_tokens=5)) == 5
+    assert perfect.decoder.greedy_draft_lengths() == [2]
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_fast_drafter_cache_is_exact_after_every_round(target, draft, temperature):
     dec = SpeculativeDecoder(target, ModelDrafter(draft, fast=True), torch.tensor([[3, 1, 4, 1, 5, 9]]), 40,

@@ -7,6 +7,7 @@ exactly the text of plain greedy decoding.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,20 @@ def test_speculative_greedy_prints_the_plain_greedy_text(runs, capsys, drafter, 
     assert "target passes" in err and "accepted" in err
 
 
+def test_compare_prints_the_wall_clock_speedup_over_plain_decoding(runs, capsys):
+    """``--compare``: plain cached decoding of the same prompt is timed too, and the line says
+    how many times faster the speculative sample was and (greedy) that the tokens are the same."""
+    target, draft, _ = runs
+    code, _, err = _run(capsys, "--checkpoint", target, "--speculative", "--draft-checkpoint", draft, "--compare",
+                        "--num-draft-tokens", "3", *GREEDY)
+    assert code == 0
+    line = next(x for x in err.splitlines() if x.startswith("[plain cached decoding of the same prompt"))
+    assert re.search(r"speculative decoding: \d+\.\d\dx faster; same tokens: yes\]$", line), line
+    code, _, err = _run(capsys, "--checkpoint", target, "--speculative", "--prompt-lookup", "--compare",
+                        "--max-new-tokens", "10", "--prompt", "MACBETH:", "--seed", "1")
+    assert code == 0 and "x faster]" in err                      # sampling: no token comparison
+
+
 def test_speculative_sampling_is_reproducible_with_a_seed(runs, capsys):
     target, draft, _ = runs
     argv = ["--checkpoint", target, "--speculative", "--draft-checkpoint", draft, "--seed", "7", "--adaptive-draft",
@@ -70,6 +85,7 @@ def test_speculative_sampling_is_reproducible_with_a_seed(runs, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--draft-checkpoint", "x"], "need --speculative"),
+    (["--compare"], "need --speculative"),
     (["--speculative"], "exactly one drafter"),
     (["--speculative", "--prompt-lookup", "--no-use-cache"], "no-use-cache"),
     (["--speculative", "--prompt-lookup", "--cache", "sinks"], "crop"),

@@ -53,7 +53,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -576,6 +576,11 @@ class FastDecoder:
         with self._loop_context():
             self._place(ids[:, -1:], start)
             return fn(start + 2).clone()
+
+    def greedy_draft_lengths(self) -> List[int]:
+        """The ``k`` values :meth:`greedy_draft` already has a function for (compiled ones cost
+        seconds to a minute each to build, once per decoder)."""
+        return sorted(key[1] for key in self._steps if isinstance(key, tuple) and key[0] == "greedy_draft")
 
     # ----------------------------------------------------------------------- generation
     @torch.no_grad()
