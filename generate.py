@@ -209,10 +209,6 @@ def format_bytes(n: int) -> str:
     return f"{n:.1f} GiB"
 
 
-def model_dtype(model) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
 def compare_with_plain(model, input_ids, max_new: int, args, sampling, spec_out, spec_seconds: float) -> None:
     """``--compare``: time plain cached decoding of the same prompt (the default path: eager,
     ``--cache``) and print the speculative sample's wall-clock speedup over it to stderr; at
@@ -226,7 +222,7 @@ def compare_with_plain(model, input_ids, max_new: int, args, sampling, spec_out,
     if not sampling.get("do_sample"):
         same = "; same tokens: " + ("yes" if torch.equal(plain, spec_out) else "no" + (
             " (bfloat16 rounding: where the top two logits nearly tie, a 1-token and a k-token pass can "
-            "pick differently; float32 gives the same tokens)" if model_dtype(model) != torch.float32 else ""))
+            "pick differently; float32 gives the same tokens)" if next(model.parameters()).dtype != torch.float32 else ""))
     print(f"[plain cached decoding of the same prompt: {n_plain} tokens in {seconds:.2f}s = {plain_rate:.1f} "
           f"tokens/s; speculative decoding: {spec_rate / max(plain_rate, 1e-9):.2f}x faster{same}]",
           file=sys.stderr, flush=True)

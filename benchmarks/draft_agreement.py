@@ -75,14 +75,13 @@ def greedy_agreement(draft, sequences: torch.Tensor, prompt_len: int) -> torch.T
 def heldout_prompts(tokenizer, num: int, prompt_len: int, data=None, val_fraction: float = 0.1,
                     seed: int = 1337, pick_seed: int = 0) -> torch.Tensor:
     """``(num, prompt_len)`` windows of the validation documents, at seeded random offsets."""
-    from transformer.data import load_corpus, split_documents, tokenize_documents
+    from transformer.data import load_corpus, random_windows, split_documents, tokenize_documents
 
     _, val_docs = split_documents(load_corpus(data), val_fraction, seed=seed)
     stream = tokenize_documents(val_docs, tokenizer)
     if len(stream) <= prompt_len:
         raise SystemExit(f"the validation split has {len(stream)} tokens; --prompt-len {prompt_len} needs more")
-    starts = torch.randint(0, len(stream) - prompt_len, (num,), generator=torch.Generator().manual_seed(pick_seed))
-    return stream[starts[:, None] + torch.arange(prompt_len)]
+    return random_windows(stream, num, prompt_len, torch.Generator().manual_seed(pick_seed))
 
 
 def measure(target, drafts: Dict[str, Any], prompts: torch.Tensor, new_tokens: int,
@@ -134,16 +133,14 @@ def main(argv=None) -> Dict[str, Any]:
     set_threads(args.threads)
     from transformer.checkpoint import load_model
 
-    from .spec_decoding_benchmark import _resolve
-
-    target, tokenizer, _ = load_model(_resolve(args.target))
+    target, tokenizer, _ = load_model(args.target)  # a run directory means its best/
     if tokenizer is None:
         raise SystemExit(f"{args.target} holds no tokenizer; cannot encode the held-out text")
     drafts = {}
     for spec in args.draft:
         label, _, path = spec.rpartition("=")
         path, label = path, label or path
-        draft = load_model(_resolve(path))[0].eval()
+        draft = load_model(path)[0].eval()
         if draft.config.vocab_size != target.config.vocab_size:
             raise SystemExit(f"--draft {path}: vocab_size {draft.config.vocab_size} differs from the target's "
                              f"{target.config.vocab_size}; a draft must share the target's tokenizer")

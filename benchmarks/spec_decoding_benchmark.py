@@ -318,13 +318,6 @@ def plot(result: Dict[str, Any], path) -> Path:
     return path
 
 
-def _resolve(path: str) -> Path:
-    root = Path(path)
-    if not (root / "manifest.json").is_file() and ((root / "best").is_dir() or (root / ".best.old").is_dir()):
-        return root / "best"
-    return root
-
-
 def load_models(args) -> Tuple[Any, Any, List[torch.Tensor], torch.Tensor]:
     """``(target, draft, prompts, lookup_prompt)`` from checkpoints or (``--random``) the demo pair."""
     g = torch.Generator().manual_seed(args.seed)
@@ -337,9 +330,9 @@ def load_models(args) -> Tuple[Any, Any, List[torch.Tensor], torch.Tensor]:
     if args.target is None:
         raise SystemExit("give --target DIR (with --draft DIR or --draft-layers N), or --random")
     from transformer.checkpoint import load_model
-    target, tokenizer, _ = load_model(_resolve(args.target))
+    target, tokenizer, _ = load_model(args.target)  # a run directory means its best/
     if args.draft is not None:
-        draft, _, _ = load_model(_resolve(args.draft))
+        draft, _, _ = load_model(args.draft)
     elif args.draft_layers is not None:
         draft = truncated_draft(target, args.draft_layers)
     else:

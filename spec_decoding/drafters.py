@@ -115,7 +115,6 @@ class ModelDrafter:
         self.decoder = None  # the FastDecoder (``fast`` only)
         self.length = 0  # tokens the cache holds (a prefix of the sequence)
         self.forward_passes = 0
-        self._first_round = True  # compiled: the first round's draft length may get a new graph
 
     def reset(self, input_ids, max_len, cache_implementation="dynamic"):
         cfg = self.model.config
@@ -132,7 +131,6 @@ class ModelDrafter:
             self.cache = self.model.new_cache(cache_implementation, input_ids.shape[0], max_len)
         self.length = 0
         self.forward_passes = 0
-        self._first_round = True
 
     def _logits(self, feed: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``(B, V)`` after feeding ``feed`` ``(B, S)`` at position ``self.length``."""
@@ -170,7 +168,6 @@ class ModelDrafter:
             drafted = torch.cat(drafted)
         if self.fast:  # host bookkeeping, so that cache.get_seq_length() / get() tell the truth
             self.cache.set_seq_length(self.length)
-        self._first_round = False
         return Proposal(drafted, torch.cat(probs) if probs else None)
 
     def _one_call_length(self, k: int, n_feed: int) -> Optional[int]:
@@ -188,7 +185,7 @@ class ModelDrafter:
         if not self.compile:
             return k
         have = self.decoder.greedy_draft_lengths()
-        if k in have or self._first_round:
+        if k in have or self.forward_passes == 0:  # no draft step yet: the request's first round
             return k
         room = self.decoder.max_cache_len - (self.length + n_feed - 1)  # slots the call may write
         usable = [j for j in have if k <= j <= room]

@@ -226,6 +226,14 @@ def _as_stream(tokens, name: str = "tokens") -> torch.Tensor:
     return tokens.long()
 
 
+def random_windows(tokens: torch.Tensor, num: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """``num`` windows of ``length`` consecutive ids from the 1-D stream ``tokens``, at offsets
+    drawn uniformly from ``[0, len(tokens) - length]`` with ``generator``: ``(num, length)``.
+    Cost: one ``randint`` and one gather."""
+    starts = torch.randint(0, len(tokens) - length + 1, (num,), generator=generator)
+    return tokens[starts[:, None] + torch.arange(length)]
+
+
 class TokenDataset:
     """Random ``(x, y)`` training windows from one token stream, reproducible and resumable.
 
@@ -257,13 +265,10 @@ class TokenDataset:
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0
-        self._window = torch.arange(block_size + 1)
 
     def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The next ``(x, y)`` pair, each ``(batch_size, block_size)`` long on ``device``."""
-        starts = torch.randint(0, len(self.tokens) - self.block_size, (self.batch_size,),
-                               generator=self.generator)
-        windows = self.tokens[starts[:, None] + self._window]
+        windows = random_windows(self.tokens, self.batch_size, self.block_size + 1, self.generator)
         self.step += 1
         x, y = windows[:, :-1], windows[:, 1:]
         return x.to(self.device), y.to(self.device)

@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import PAD_ID, EOS_ID, exact_match, iter_eval_batches, make_seq2seq_batch
+from .data import PAD_ID, EOS_ID, exact_match, iter_eval_batches, make_seq2seq_batch, random_windows
 
 # --------------------------------------------------------------------------------------------
 # Configuration and presets
@@ -477,8 +477,7 @@ def teacher_continuations(teacher: nn.Module, tokens: torch.Tensor, num: int, le
         count = num // len(temperatures) + (group < num % len(temperatures))
         for start in range(0, count, batch_size):
             rows = min(batch_size, count - start)
-            offsets = torch.randint(0, len(tokens) - prompt_len + 1, (rows,), generator=picks)
-            prompts = tokens[offsets[:, None] + torch.arange(prompt_len)].to(device)
+            prompts = random_windows(tokens, rows, prompt_len, picks).to(device)
             sample = temperature > 0
             seqs = teacher.generate(prompts, length - prompt_len, eos_token_id=None, do_sample=sample,
                                     temperature=temperature if sample else 1.0,
