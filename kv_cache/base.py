@@ -10,7 +10,20 @@ per layer, and hands attention the full history each step.
 The public names follow the cache API PyTorch users know from Hugging Face ``transformers``
 (and from ``lucid.nn.cache``): ``update(key, value, layer_idx, cache_position) -> (keys,
 values)``, ``get_seq_length``, ``reorder_cache``, ``batch_select_indices``,
-``batch_repeat_interleave``, ``crop`` and ``reset``.
+``batch_repeat_interleave``, ``crop`` and ``reset``, plus ``rollback``.
+
+Two ways to shorten a cache (they differ in which end they cut):
+
+* ``crop(max_length)`` keeps the **most recent** ``max_length`` tokens of every layer (the meaning
+  of ``lucid.nn.cache``: memory control).  The cache then no longer starts at position 0: it
+  holds positions ``first .. first + max_length - 1``, says so through ``key_positions``, and
+  ``get_seq_length`` keeps counting positions (it is the position of the next token, not the
+  number of tokens held), so a model that continues after a crop puts its next token at the
+  right position and masks with ``key_positions``.  A cropped cache reports ``is_lossless =
+  False`` until ``reset()``.  Writing at a position before ``first`` is refused.
+* ``rollback(max_length)`` keeps the **first** ``max_length`` positions (negative: drops that
+  many from the end) -- the undo speculative decoding needs after rejected drafts (what Hugging
+  Face calls ``crop``).  Rolling back below ``first`` is refused: those tokens are gone.
 
 Layouts.  Tensors are ``(batch, heads, seq, head_dim)`` ("bhsd", the layout of
 ``torch.nn.functional.scaled_dot_product_attention``) or ``(batch, seq, heads, head_dim)``
@@ -229,9 +242,11 @@ class Cache(ABC):
     ``reorder_cache(beam_idx)`` / ``batch_select_indices(indices)`` -> keep batch rows
         ``indices`` in that order (beam search reorders; serving drops finished rows).
     ``batch_repeat_interleave(repeats)`` -> each row repeated ``repeats`` times (beam expansion).
-    ``crop(max_length)`` -> keep the first ``max_length`` tokens (negative: drop that many
-        from the end).  This is the rollback used by speculative decoding.
-    ``reset()`` -> forget all tokens.
+    ``crop(max_length)`` -> keep the most recent ``max_length`` tokens (memory control);
+        ``key_positions`` then says which positions are held.
+    ``rollback(max_length)`` -> keep the first ``max_length`` positions (negative: drop that
+        many from the end).  This is the undo used by speculative decoding.
+    ``reset()`` -> forget all tokens (and any crop offset).
     ``memory_bytes()`` -> bytes of tensor storage currently allocated.
     ``key_positions(layer_idx, in_cache=False)`` / ``retention_mask(q_pos, k_pos)`` -> for
         caches that drop tokens (``is_lossless=False``): which keys the last update returned,
@@ -323,7 +338,15 @@ class Cache(ABC):
 
     @abstractmethod
     def crop(self, max_length: int) -> None:
-        """Keep the first ``max_length`` tokens of every layer; negative drops from the end."""
+        """Keep only the most recent ``max_length`` tokens of every layer (``max_length >= 0``).
+
+        Positions do not move: ``get_seq_length`` stays the position of the next token and
+        ``key_positions`` names the positions still held.  Caches that cannot do it raise.
+        """
+
+    @abstractmethod
+    def rollback(self, max_length: int) -> None:
+        """Keep the first ``max_length`` positions of every layer; negative drops from the end."""
 
     @abstractmethod
     def reset(self) -> None:
@@ -338,12 +361,22 @@ class Cache(ABC):
         return self.get_seq_length(0)
 
     @staticmethod
-    def _crop_target(max_length: int, length: int) -> int:
-        """Translate ``crop``'s argument into the length to keep (clamped to ``[0, length]``)."""
-        if not isinstance(max_length, int):
-            raise TypeError(f"crop(max_length) takes an int, got {type(max_length).__name__}")
+    def _rollback_target(max_length: int, length: int) -> int:
+        """Translate ``rollback``'s argument into the length to keep (clamped to ``[0, length]``)."""
+        if isinstance(max_length, bool) or not isinstance(max_length, int):
+            raise TypeError(f"rollback(max_length) takes an int, got {type(max_length).__name__}")
         keep = length + max_length if max_length < 0 else max_length
         return max(0, min(keep, length))
+
+    @staticmethod
+    def _crop_count(max_length: int) -> int:
+        """Check ``crop``'s argument: the number of most recent tokens to keep, an int ``>= 0``."""
+        if isinstance(max_length, bool) or not isinstance(max_length, int):
+            raise TypeError(f"crop(max_length) takes an int, got {type(max_length).__name__}")
+        if max_length < 0:
+            raise ValueError(f"crop(max_length) keeps the most recent max_length tokens, so max_length must be "
+                             f">= 0, got {max_length}; to drop tokens from the end use rollback({max_length})")
+        return max_length
 
 
 class BufferedCache(Cache):
@@ -353,6 +386,11 @@ class BufferedCache(Cache):
     the number of tokens stored (``_lengths[l]``); ``update`` writes into the spare room and
     returns a view ``buffer[..., :length, ...]``, so appending one token copies one token.
     Subclasses decide how capacity is obtained (:meth:`_ensure_capacity`).
+
+    Slots and positions.  Slot ``i`` of layer ``l`` holds position ``_offsets[l] + i``.  The
+    offset is 0 until :meth:`crop` drops the oldest tokens: the kept ones then move to slot 0
+    (so the freed room is reused by later writes) and the offset grows by the number dropped.
+    ``cache_position`` and ``get_seq_length`` always speak in positions.
     """
 
     def __init__(self, layout: str = "bhsd"):
@@ -360,7 +398,8 @@ class BufferedCache(Cache):
         self._sd = seq_dim(layout)
         self.keys: list = []  # per layer buffer or None
         self.values: list = []
-        self._lengths: list = []
+        self._lengths: list = []  # slots in use per layer
+        self._offsets: list = []  # position held by slot 0, per layer (> 0 only after crop)
         self._batch: Optional[int] = None  # rows in use
 
     # -------------------------------------------------------------- storage hooks
@@ -379,6 +418,7 @@ class BufferedCache(Cache):
             self.keys.append(None)
             self.values.append(None)
             self._lengths.append(0)
+            self._offsets.append(0)
 
     def _view(self, layer_idx: int) -> Tuple[Tensor, Tensor]:
         n, b = self._lengths[layer_idx], self._batch
@@ -403,6 +443,8 @@ class BufferedCache(Cache):
                 f"use batch_select_indices / batch_repeat_interleave to change the batch, or reset()"
             )
         self._check_compatible(layer_idx, key, value)
+        if self._offsets[layer_idx] and cache_position is not None:
+            cache_position = self._positions_to_slots(cache_position, layer_idx)
         plan = plan_write(cache_position, batch, seq, self._lengths[layer_idx])
         self._ensure_capacity(layer_idx, key, value, plan.end)
         self._batch = batch
@@ -416,6 +458,34 @@ class BufferedCache(Cache):
         write_into(self.values[layer_idx], value, plan, self.layout)
         self._lengths[layer_idx] = max(self._lengths[layer_idx], plan.end)
         return self._view(layer_idx)
+
+    def _positions_to_slots(self, cache_position, layer_idx: int) -> Tensor:
+        """``cache_position`` (positions) minus the layer's crop offset (slots); refuses positions
+        that crop already dropped.  Cost: one host read of the smallest position."""
+        off = self._offsets[layer_idx]
+        pos = torch.as_tensor(cache_position)
+        if pos.is_floating_point():
+            raise TypeError(f"cache_position must be an integer tensor, got dtype {pos.dtype}")
+        pos = pos.long()
+        if pos.numel() and int(pos.min()) < off:
+            raise ValueError(
+                f"cache_position={pos.tolist()} writes before position {off} of layer {layer_idx}, but crop() "
+                f"dropped positions 0..{off - 1}: expected positions >= {off} (or reset() to start again)")
+        return pos - off
+
+    def first_position(self, layer_idx: int = 0) -> int:
+        """Position of the oldest token ``layer_idx`` still holds: 0 unless :meth:`crop` dropped some."""
+        return self._offsets[layer_idx] if layer_idx < len(self._offsets) else 0
+
+    def key_positions(self, layer_idx: int, in_cache: bool = False) -> Tensor:
+        """Positions ``(n,)`` of the ``n`` stored keys of ``layer_idx``, oldest first.
+
+        ``in_cache=False``: absolute positions, ``first_position + arange(n)`` (``arange(n)``
+        until a crop).  ``in_cache=True``: ``arange(n)``.  Cost: ``O(n)`` integers.
+        """
+        n = self._lengths[layer_idx] if layer_idx < len(self._lengths) else 0
+        first = 0 if in_cache else self.first_position(layer_idx)
+        return torch.arange(first, first + n, device=self._device())
 
     def _check_compatible(self, layer_idx: int, key: Tensor, value: Tensor) -> None:
         """Check heads / head dims / dtype / device against what the layer already stores."""
@@ -439,8 +509,11 @@ class BufferedCache(Cache):
         return self._view(layer_idx)
 
     def get_seq_length(self, layer_idx=0):
-        """Number of token slots stored in ``layer_idx`` (0 if the layer was never written)."""
-        return self._lengths[layer_idx] if layer_idx < len(self._lengths) else 0
+        """Position of the next token of ``layer_idx``: the tokens stored, plus those :meth:`crop`
+        dropped from the front (0 if the layer was never written)."""
+        if layer_idx >= len(self._lengths):
+            return 0
+        return self._offsets[layer_idx] + self._lengths[layer_idx]
 
     @property
     def batch_size(self) -> Optional[int]:
@@ -473,9 +546,50 @@ class BufferedCache(Cache):
         """Apply ``fn`` (a batch-dim gather) to every layer's used rows, ending with ``new_batch`` rows."""
 
     def crop(self, max_length):
-        """Keep the first ``max_length`` tokens in every layer (negative: drop from the end). O(1)."""
+        """Keep only the most recent ``max_length`` tokens of every layer (``max_length >= 0``).
+
+        The kept tokens move to the front of the buffer (capacity is kept, so later writes reuse
+        the room) and the layer's :meth:`first_position` grows by the number dropped;
+        ``get_seq_length`` does not change.  Once something was dropped the cache reports
+        ``is_lossless = False`` (until :meth:`reset`), so a model masks it by
+        :meth:`key_positions`.  Cost: one copy of the ``max_length`` kept tokens per layer.
+        """
+        keep = self._crop_count(max_length)
         for l, n in enumerate(self._lengths):
-            self._lengths[l] = self._crop_target(max_length, n)
+            drop = n - keep
+            if drop <= 0:
+                continue
+            if keep:
+                for buf in (self.keys[l], self.values[l]):
+                    rows = buf.narrow(0, 0, self._batch)
+                    src = rows.narrow(self._sd, drop, keep)
+                    rows.narrow(self._sd, 0, keep).copy_(src.clone() if drop < keep else src)  # overlap-safe
+            self._offsets[l] += drop
+            self._lengths[l] = keep
+            self.is_lossless = False  # instance attribute: the model must mask by key_positions
+
+    def rollback(self, max_length):
+        """Keep the first ``max_length`` positions of every layer (negative: drop that many from
+        the end).  The undo of speculative decoding.  O(1): only lengths change.
+
+        Positions dropped by :meth:`crop` cannot come back: rolling back below a layer's
+        :meth:`first_position` raises ``ValueError`` and changes nothing.
+        """
+        targets = []
+        for l, n in enumerate(self._lengths):
+            first = self._offsets[l]
+            target = self._rollback_target(max_length, first + n)
+            if target < first:
+                raise ValueError(
+                    f"rollback({max_length}) would keep positions 0..{target - 1} of layer {l}, but crop() already "
+                    f"dropped positions 0..{first - 1}: expected a length in [{first}, {first + n}] (or reset())")
+            targets.append(target - first)
+        self._lengths[:] = targets
+
+    def _forget_crop(self) -> None:
+        """Back to positions = slots (called by ``reset``)."""
+        self._offsets = [0] * len(self._lengths)
+        self.__dict__.pop("is_lossless", None)  # the class attribute (True) shows again
 
     def memory_bytes(self):
         """Bytes allocated by all key and value buffers (capacity, not just the used part)."""
@@ -483,4 +597,5 @@ class BufferedCache(Cache):
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(layers={len(self.keys)}, batch={self._batch}, "
-                f"lengths={self._lengths}, layout={self.layout!r}, bytes={self.memory_bytes()})")
+                f"lengths={self._lengths}, offsets={self._offsets}, layout={self.layout!r}, "
+                f"bytes={self.memory_bytes()})")

@@ -18,9 +18,14 @@ slots and must mask the slots that hold no token yet (:meth:`slot_mask` builds t
 the same tensor position).  Reading the unused slots costs memory bandwidth proportional to
 ``max_cache_len`` instead of the current length -- size the cache to what you will generate.
 
-The class *is* a :class:`~kv_cache.StaticKVCache` (``update``, ``crop``, ``reorder_cache``...
-all work), so the same object can be used by ordinary code; after a run of ``write`` calls,
-:meth:`set_seq_length` tells the host-side bookkeeping how far the cache is filled.
+The class *is* a :class:`~kv_cache.StaticKVCache` (``update``, ``rollback``, ``crop``,
+``reorder_cache``... all work), so the same object can be used by ordinary code; after a run of
+``write`` calls, :meth:`set_seq_length` tells the host-side bookkeeping how far the cache is
+filled, and ``rollback(n)`` moves that host-side length back (O(1), nothing on the device: the
+speculative-decoding drafter's undo).  ``write`` and :meth:`slot_mask` speak in *slots*, which
+equal positions as long as nothing was ``crop``'ped from the front; after ``crop`` (keep the most
+recent tokens, which moves them to slot 0) slot = position - ``first_position()``, and
+``set_seq_length`` refuses to run until ``reset()``.
 
 The buffers are marked as *static addresses* for ``torch.compile``: a CUDA graph that writes
 into them in place may then be captured and replayed (CUDA-graph trees refuse to capture
@@ -106,7 +111,13 @@ class FixedShapeKVCache(StaticKVCache):
     def set_seq_length(self, length: int, batch_size: Optional[int] = None) -> None:
         """Host bookkeeping after a run of :meth:`write` calls: every layer now holds ``length``
         slots of ``batch_size`` rows (default ``max_batch_size``), so that ``get_seq_length``,
-        ``get``, ``crop`` and the batch methods see them.  O(num_layers)."""
+        ``get``, ``rollback`` and the batch methods see them.  O(num_layers).
+
+        Slots are positions here, so a cache whose front was ``crop``'ped (slot 0 no longer
+        holds position 0) is refused: ``reset()`` it first."""
+        if any(self._offsets):
+            raise ValueError(f"set_seq_length({length!r}) treats slots as positions, but crop() dropped the first "
+                             f"{self._offsets} position(s) per layer; expected an uncropped cache (call reset() first)")
         if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self.max_cache_len:
             raise ValueError(f"length must be an int in [0, max_cache_len={self.max_cache_len}], got {length!r}")
         batch_size = self.max_batch_size if batch_size is None else batch_size

@@ -92,5 +92,6 @@ class DynamicKVCache(BufferedCache):
         self._batch = new_batch
 
     def reset(self):
-        """Free every buffer; the next update starts from scratch."""
+        """Free every buffer and forget any crop offset; the next update starts from scratch."""
         self.keys, self.values, self._lengths, self._batch = [], [], [], None
+        self._forget_crop()

@@ -11,7 +11,8 @@ attentions, and they need different caches:
   step would re-project the whole source: ``O(S_src * d_model^2)`` per layer per step.
 
 ``EncoderDecoderCache`` implements the ``Cache`` interface by delegating to the self-attention
-cache (``update``/``get``/``get_seq_length``/``crop`` are about the decoder's history) and adds
+cache (``update``/``get``/``get_seq_length``/``key_positions``/``crop``/``rollback`` are about the
+decoder's history) and adds
 the cross-attention bookkeeping models use:
 
 ``has_cross(layer_idx)``            are this layer's cross K/V already stored?
@@ -21,9 +22,10 @@ the cross-attention bookkeeping models use:
 ``is_updated``                      dict ``layer_idx -> bool`` behind ``has_cross``
 
 Batch operations (``reorder_cache``, ``batch_select_indices``, ``batch_repeat_interleave``)
-apply to both caches, since both are indexed by batch row; ``crop`` only touches the
-self-attention cache (rolling back the target does not change the source); ``reset`` empties
-both and clears ``is_updated`` (ready for a new source).
+apply to both caches, since both are indexed by batch row; ``crop`` (keep the most recent
+target tokens) and ``rollback`` (keep the first ones) only touch the self-attention cache
+(shortening the target does not change the source); ``reset`` empties both and clears
+``is_updated`` (ready for a new source).
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class EncoderDecoderCache(Cache):
 
     @property
     def is_lossless(self) -> bool:
+        """That of the self-attention cache (False after it was cropped, or for a window cache)."""
         return self.self_attention_cache.is_lossless
 
     # ------------------------------------------------------------------ self-attention side
@@ -112,9 +115,21 @@ class EncoderDecoderCache(Cache):
         """Capacity of the self-attention cache (``None`` when unbounded)."""
         return self.self_attention_cache.get_max_cache_shape()
 
+    def key_positions(self, layer_idx, in_cache=False):
+        """Positions of the self-attention keys of ``layer_idx`` (see ``Cache.key_positions``)."""
+        return self.self_attention_cache.key_positions(layer_idx, in_cache)
+
+    def retention_mask(self, query_positions, key_positions):
+        """The self-attention cache's retention mask (``None`` for caches that drop nothing)."""
+        return self.self_attention_cache.retention_mask(query_positions, key_positions)
+
     def crop(self, max_length):
-        """Crop the decoder history only; the cross-attention keys/values (the source) stay."""
+        """Keep the most recent ``max_length`` decoder tokens; the cross keys/values (the source) stay."""
         self.self_attention_cache.crop(max_length)
+
+    def rollback(self, max_length):
+        """Keep the first ``max_length`` decoder positions (negative: drop from the end); source stays."""
+        self.self_attention_cache.rollback(max_length)
 
     # ------------------------------------------------------------------ both sides
     def batch_select_indices(self, indices):

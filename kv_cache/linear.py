@@ -257,14 +257,31 @@ class LinearKVCache(Cache):
         self._batch *= repeats
 
     def crop(self, max_length: int) -> None:
+        """Refused unless it is a no-op: this cache keeps the most *important* tokens, a different
+        set per row and head, so "the ``max_length`` most recent tokens" is not a set it holds.
+
+        ``crop(n)`` with ``n`` >= the tokens kept changes nothing; anything smaller raises
+        ``ValueError`` naming what to use instead (a smaller ``keep_window_size``, ``rollback``
+        while nothing was evicted, or ``reset``).
+        """
+        keep = self._crop_count(max_length)
+        for l, n in enumerate(self._count):
+            if n > keep:
+                raise ValueError(
+                    f"crop({max_length}) on layer {l}: a LinearKVCache keeps the {n} most important tokens per row and "
+                    f"head (different tokens in each), not a run of recent ones, so it cannot keep 'the most recent "
+                    f"{max_length}'; expected max_length >= {n}. Bound its memory with keep_window_size, undo new "
+                    f"tokens with rollback() (while nothing was evicted), or reset()")
+
+    def rollback(self, max_length: int) -> None:
         """Roll back to the first ``max_length`` positions; only while nothing was evicted."""
         for l in range(len(self._count)):
             start = self._next[l] - self._given[l]
-            keep = self._crop_target(max_length, self._next[l])
+            keep = self._rollback_target(max_length, self._next[l])
             if keep == self._next[l]:
                 continue
             if self._given[l] > self._count[l]:
-                raise ValueError(f"crop({max_length}) on layer {l}: {self._given[l] - self._count[l]} token(s) were "
+                raise ValueError(f"rollback({max_length}) on layer {l}: {self._given[l] - self._count[l]} token(s) were "
                                  f"already evicted; a LinearKVCache cannot roll back past an eviction")
             self._count[l] = max(0, keep - start)  # nothing evicted: storage is in position order
             self._given[l], self._next[l] = self._count[l], start + self._count[l]

@@ -1,31 +1,34 @@
 """``KVCache``: a hand-driven cache for encoder-decoder models, addressed by explicit positions.
 
 The ``Cache`` classes decide *where* new tokens go (append, or ``cache_position``).  Some code
-prefers to say it explicitly: "layer 3, self-attention, these keys start at position 10".
+prefers to say it explicitly: "layer 3, self-attention, after these keys it holds 10 tokens".
 ``KVCache`` is that manual interface.  Underneath it is two :class:`StaticKVCache` objects
 (``self_cache`` for decoder self-attention, ``cross_cache`` for cross-attention over the
 encoder output), created by :meth:`KVCache.initialize_cache` once the batch size is known.
 
 The meaning of ``seq_len`` (the one thing to get right):
 
-* ``update_cache(layer_idx, attention_type, k, v, seq_len)``: ``seq_len`` is the number of
-  tokens already stored for that layer and attention type *before* this write, i.e. the
-  position of the first new token.  ``k``/``v`` ``(batch, num_heads, s, d_k)`` land at positions
-  ``[seq_len, seq_len + s)``; the layer then holds exactly ``seq_len + s`` tokens (anything
-  stored after ``seq_len`` is discarded, so ``seq_len`` smaller than the stored length is a
-  rollback), and the call returns all of them: ``(batch, num_heads, seq_len + s, d_k)``.
-  ``seq_len`` larger than the stored length would leave a hole and is an error.
+* ``update_cache(layer_idx, attention_type, k, v, seq_len)``: ``seq_len`` is the length of
+  that layer and attention type *after* this write.  ``k``/``v`` ``(batch, num_heads, s, d_k)``
+  land at positions ``[seq_len - s, seq_len)``; the layer then holds exactly ``seq_len`` tokens
+  (anything stored at or after ``seq_len - s`` is replaced or discarded, so a ``seq_len``
+  smaller than ``stored + s`` rolls back), and the call returns all of them:
+  ``(batch, num_heads, seq_len, d_k)``.  So a 10-token prompt into an empty cache is
+  ``seq_len=10``, and one more token is ``seq_len=11``.  Errors name ``seq_len``, the value
+  and the allowed range: ``seq_len < s`` (the new tokens do not fit), ``seq_len - s > stored``
+  (a hole before the new tokens), ``seq_len > max_seq_len`` (:class:`CacheCapacityError`).
 * ``get_cached_kv(layer_idx, attention_type, seq_len)``: ``seq_len`` is how many tokens to
-  return, from position 0: ``(batch, num_heads, seq_len, d_k)``.  More than stored is an error.
+  return, from position 0: ``(batch, num_heads, seq_len, d_k)``; ``None`` returns all of them.
+  More than stored is an error.
 
 Typical decoding loop::
 
     cache = KVCache(num_layers=6, num_heads=8, d_k=64, max_seq_len=512)
     cache.initialize_cache(batch_size=4)
-    for i in range(6):                                   # once per source
-        cache.update_cache(i, "cross", k_src[i], v_src[i], seq_len=0)
+    for i in range(6):                                   # once per source (S_src tokens)
+        cache.update_cache(i, "cross", k_src[i], v_src[i], seq_len=S_src)
     for t in range(steps):                               # one new token per step
-        k_all, v_all = cache.update_cache(i, "self", k_t, v_t, seq_len=t)
+        k_all, v_all = cache.update_cache(i, "self", k_t, v_t, seq_len=t + 1)
 
 A model written against the ``Cache`` interface can use the same storage through
 :meth:`KVCache.as_encoder_decoder_cache`.
@@ -122,12 +125,25 @@ class KVCache:
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < self.num_layers:
             raise IndexError(f"layer_idx={layer_idx!r} is out of range; expected 0 <= layer_idx < num_layers={self.num_layers}")
 
-    def _check_seq_len(self, seq_len, stored: int, layer_idx: int, attention_type: str, meaning: str) -> None:
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 0 <= seq_len <= stored:
+    @staticmethod
+    def _where(layer_idx: int, attention_type: str) -> str:
+        return f"layer {layer_idx} ({attention_type!r})"
+
+    def _check_seq_len(self, seq_len, lo: int, hi: int, layer_idx: int, attention_type: str, meaning: str) -> None:
+        """``seq_len`` must be an int in ``[lo, hi]``; the error names it, the range and why."""
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not lo <= seq_len <= hi:
             raise ValueError(
-                f"seq_len={seq_len!r} for layer {layer_idx} ({attention_type!r}) must be an int in [0, {stored}] "
-                f"({stored} token(s) are stored; seq_len is {meaning})"
+                f"seq_len={seq_len!r} for {self._where(layer_idx, attention_type)}: expected an int in [{lo}, {hi}] "
+                f"({meaning})"
             )
+
+    def _check_uncropped(self, cache: StaticKVCache, layer_idx: int, attention_type: str, method: str) -> None:
+        first = cache.first_position(layer_idx)
+        if first:
+            raise ValueError(
+                f"{method}: {self._where(layer_idx, attention_type)} was crop()ped through as_encoder_decoder_cache() "
+                f"and no longer holds positions 0..{first - 1}, but seq_len counts tokens from position 0; expected "
+                f"an uncropped cache (call initialize_cache() to start again)")
 
     def _check_kv(self, name: str, t) -> None:
         if not isinstance(t, torch.Tensor):
@@ -143,10 +159,12 @@ class KVCache:
     # ------------------------------------------------------------------ read / write
     def update_cache(self, layer_idx: int, attention_type: str, k: Tensor, v: Tensor,
                      seq_len: int) -> Tuple[Tensor, Tensor]:
-        """Write ``k``/``v`` ``(batch, num_heads, s, d_k)`` at positions ``[seq_len, seq_len + s)``.
+        """Write ``k``/``v`` ``(batch, num_heads, s, d_k)`` so that the layer holds ``seq_len`` tokens.
 
-        ``seq_len`` = tokens already stored for this layer/type before the write (<= stored;
-        smaller rolls back).  Returns the cached ``(k, v)`` of length ``seq_len + s`` (views).
+        ``seq_len`` = the length of this layer/type *after* the write: the ``s`` new tokens take
+        positions ``[seq_len - s, seq_len)``, so ``s <= seq_len <= stored + s`` (smaller than
+        ``stored + s`` rolls back what lay after ``seq_len - s``) and ``seq_len <= max_seq_len``.
+        Returns the cached ``(k, v)``, ``(batch, num_heads, seq_len, d_k)`` views.
         Cost: one copy of the ``s`` new tokens.
         """
         self._require_init("update_cache")
@@ -156,14 +174,17 @@ class KVCache:
         self._check_kv("v", v)
         if k.shape != v.shape:
             raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-        stored = cache.get_seq_length(layer_idx)
-        self._check_seq_len(seq_len, stored, layer_idx, attention_type, "the position of the first new token")
-        s = k.shape[2]
-        if seq_len + s > self.max_seq_len:
+        self._check_uncropped(cache, layer_idx, attention_type, "update_cache")
+        stored, s = cache.get_seq_length(layer_idx), k.shape[2]
+        self._check_seq_len(seq_len, s, stored + s, layer_idx, attention_type,
+                            f"seq_len is the length after the write: the {s} new token(s) take positions "
+                            f"seq_len-{s}..seq_len-1, after at most the {stored} stored ones, leaving no hole")
+        if seq_len > self.max_seq_len:
             raise CacheCapacityError(
-                f"layer {layer_idx} ({attention_type!r}): seq_len={seq_len} + {s} new token(s) = {seq_len + s} "
-                f"exceeds max_seq_len={self.max_seq_len}")
-        cache._lengths[layer_idx] = seq_len  # roll back what lies after seq_len (no-op if seq_len == stored)
+                f"seq_len={seq_len} for {self._where(layer_idx, attention_type)} exceeds max_seq_len="
+                f"{self.max_seq_len}; expected seq_len <= {self.max_seq_len} (build the cache with a larger "
+                f"max_seq_len)")
+        cache._lengths[layer_idx] = seq_len - s  # roll back what lies after the new tokens' first position
         try:
             out = cache.update(k, v, layer_idx)
         except Exception:
@@ -182,9 +203,11 @@ class KVCache:
         self._require_init("get_cached_kv")
         cache = self._cache_for(attention_type)
         self._check_layer(layer_idx)
+        self._check_uncropped(cache, layer_idx, attention_type, "get_cached_kv")
         stored = cache.get_seq_length(layer_idx)
         seq_len = stored if seq_len is None else seq_len
-        self._check_seq_len(seq_len, stored, layer_idx, attention_type, "the number of tokens to return")
+        self._check_seq_len(seq_len, 0, stored, layer_idx, attention_type,
+                            f"seq_len is how many tokens to return from position 0, and {stored} are stored")
         rows = cache.batch_size if cache.batch_size is not None else self.batch_size
         k = cache.keys[layer_idx].narrow(0, 0, rows).narrow(2, 0, seq_len)
         v = cache.values[layer_idx].narrow(0, 0, rows).narrow(2, 0, seq_len)

@@ -168,8 +168,9 @@ class QuantizedKVCache(Cache):
     ``update(key, value, layer_idx)`` appends ``(B, H_kv, S, D)`` tensors (``cache_position``
     must be ``None`` or the next positions) and returns every token: the quantized ones
     dequantized, then the residual window, as new tensors in the input dtype.  All tokens are
-    kept, in order, so ``key_positions`` is ``arange(n)``; ``is_lossless`` is False because
-    the values are approximate.  ``memory_bytes()`` counts packed codes, scales, minima and the
+    kept, in order, so ``key_positions`` is ``arange(n)`` (``first + arange(n)`` after ``crop``
+    dropped the ``first`` oldest); ``is_lossless`` is False because the values are approximate.
+    ``get_seq_length`` is the position of the next token (tokens held plus any cropped).  ``memory_bytes()`` counts packed codes, scales, minima and the
     residual window, as allocated.  Budget per layer: quantized storage grows in blocks of 256
     tokens, so it holds at most ``n_q`` rounded up to a multiple of 256 (``n_q``: most tokens
     ever quantized) at ``bytes_per_token()``, plus ``residual_length`` exact tokens.
@@ -200,6 +201,7 @@ class QuantizedKVCache(Cache):
         self._nq: List[int] = []                      # tokens quantized per layer
         self._rk: List[Optional[Tensor]] = []         # residual window, full precision
         self._rv: List[Optional[Tensor]] = []
+        self._first: List[int] = []                   # position of the oldest token held (> 0 after crop)
         self._batch: Optional[int] = None
 
     def _grow(self, layer_idx: int) -> None:
@@ -211,6 +213,7 @@ class QuantizedKVCache(Cache):
             self._nq.append(0)
             self._rk.append(None)
             self._rv.append(None)
+            self._first.append(0)
 
     def _check(self, layer_idx: int, key: Tensor, value: Tensor) -> None:
         for name, t in (("key", key), ("value", value)):
@@ -266,7 +269,7 @@ class QuantizedKVCache(Cache):
 
     def get(self, layer_idx: int):
         """All tokens of ``layer_idx`` (dequantized, then exact), or ``None`` if it is empty."""
-        if layer_idx >= len(self._nq) or self.get_seq_length(layer_idx) == 0:
+        if layer_idx >= len(self._nq) or self._held(layer_idx) == 0:
             return None
         n, rk, rv = self._nq[layer_idx], self._rk[layer_idx], self._rv[layer_idx]
         if n == 0:
@@ -279,17 +282,25 @@ class QuantizedKVCache(Cache):
             out.append(full)
         return out[0], out[1]
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens stored in ``layer_idx`` (quantized + exact)."""
-        if layer_idx >= len(self._nq):
-            return 0
+    def _held(self, layer_idx: int) -> int:
+        """Tokens held by ``layer_idx`` (quantized + exact)."""
         r = self._rk[layer_idx]
         return self._nq[layer_idx] + (0 if r is None else r.shape[2])
 
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Position of the next token of ``layer_idx``: tokens held (quantized + exact) plus any
+        dropped by :meth:`crop`."""
+        if layer_idx >= len(self._nq):
+            return 0
+        return self._first[layer_idx] + self._held(layer_idx)
+
     def key_positions(self, layer_idx: int, in_cache: bool = False) -> Tensor:
-        """Every token is kept in order: ``arange(n)`` (both views)."""
-        r = self._rk[layer_idx] if layer_idx < len(self._rk) else None
-        return torch.arange(self.get_seq_length(layer_idx), device=None if r is None else r.device)
+        """Every token held is kept in order: ``first + arange(n)`` (``in_cache=True``: ``arange(n)``),
+        ``first`` being 0 until :meth:`crop` drops the oldest tokens."""
+        if layer_idx >= len(self._nq):
+            return torch.zeros(0, dtype=torch.long)
+        r, first = self._rk[layer_idx], 0 if in_cache else self._first[layer_idx]
+        return torch.arange(first, first + self._held(layer_idx), device=None if r is None else r.device)
 
     def quantized_length(self, layer_idx: int = 0) -> int:
         """Tokens of ``layer_idx`` held in ``nbits`` bits (the rest are exact)."""
@@ -326,10 +337,42 @@ class QuantizedKVCache(Cache):
                 self._rk[l], self._rv[l] = fn(self._rk[l]), fn(self._rv[l])
 
     def crop(self, max_length: int) -> None:
-        """Keep the first ``max_length`` tokens (negative: drop from the end).  Quantized tokens
-        stay quantized, so after a crop the newest tokens may be approximate.  O(residual)."""
+        """Keep only the ``max_length`` most recent tokens of every layer (``max_length >= 0``).
+
+        The kept quantized tokens move to the front of their storage (still quantized), the
+        residual window keeps its newest tokens, and ``key_positions`` starts at the first kept
+        position; ``get_seq_length`` does not change.  Cost: one copy of the kept codes.
+        """
+        keep = self._crop_count(max_length)
         for l in range(len(self._nq)):
-            keep = self._crop_target(max_length, self.get_seq_length(l))
+            drop, nq = self._held(l) - keep, self._nq[l]
+            if drop <= 0:
+                continue
+            if drop >= nq:  # every quantized token goes, and the oldest of the residual window
+                self._nq[l] = 0
+                self._rk[l], self._rv[l] = self._rk[l][:, :, drop - nq:].clone(), self._rv[l][:, :, drop - nq:].clone()
+            else:
+                for q in (self._qk[l], self._qv[l]):
+                    for buf in (q.packed, q.scale, q.minimum):
+                        buf[:, :, :nq - drop] = buf[:, :, drop:nq].clone()
+                self._nq[l] = nq - drop
+            self._first[l] += drop
+
+    def rollback(self, max_length: int) -> None:
+        """Keep the first ``max_length`` positions (negative: drop from the end).  Quantized tokens
+        stay quantized, so after a rollback the newest tokens may be approximate.  Positions
+        already dropped by :meth:`crop` cannot come back: going below them raises.  O(residual)."""
+        targets = []
+        for l in range(len(self._nq)):
+            first = self._first[l]
+            target = self._rollback_target(max_length, first + self._held(l))
+            if target < first:
+                raise ValueError(
+                    f"rollback({max_length}) would keep positions 0..{target - 1} of layer {l}, but crop() already "
+                    f"dropped positions 0..{first - 1}: expected a length in [{first}, {first + self._held(l)}] "
+                    f"(or reset())")
+            targets.append(target - first)
+        for l, keep in enumerate(targets):
             if keep < self._nq[l]:
                 self._nq[l] = keep
                 if self._rk[l] is not None:

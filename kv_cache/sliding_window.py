@@ -61,6 +61,8 @@ class SlidingWindowKVCache(Cache):
     and only appends (``cache_position`` must be ``None`` or the next ``S`` positions).
     ``get_seq_length`` is the number of tokens *seen* -- the absolute position of the next
     token -- while :meth:`stored_length` is what is kept (at most ``window``).
+    ``crop(n)`` keeps only the ``n`` most recent of those (a smaller window until it refills);
+    ``rollback(n)`` undoes the newest tokens, only while nothing was evicted.
 
     Example::
 
@@ -87,6 +89,7 @@ class SlidingWindowKVCache(Cache):
         self._pos: List[Optional[Tensor]] = []       # absolute position held by each storage slot
         self._seen: List[int] = []                   # tokens seen = next absolute position
         self._head: List[int] = []                   # next ring slot to overwrite
+        self._ring: List[int] = []                   # tokens held in the ring (<= window)
         self._returned: List[Optional[Tensor]] = []  # positions of the keys the last update returned
         self._shift: List[int] = []                  # tokens dropped between the sinks and those keys
         self._batch: Optional[int] = None
@@ -101,13 +104,12 @@ class SlidingWindowKVCache(Cache):
             raise ValueError(f"layer_idx must be a non-negative int, got {layer_idx!r}")
         while len(self.keys) <= layer_idx:
             for lst, empty in ((self.keys, None), (self.values, None), (self._pos, None), (self._seen, 0),
-                               (self._head, 0), (self._returned, None), (self._shift, 0)):
+                               (self._head, 0), (self._ring, 0), (self._returned, None), (self._shift, 0)):
                 lst.append(empty)
 
     def _counts(self, layer_idx: int):
         """(sink tokens stored, ring tokens stored) of a layer."""
-        seen, s = self._seen[layer_idx], self.num_sink_tokens
-        return min(seen, s), min(max(seen - s, 0), self.window)
+        return min(self._seen[layer_idx], self.num_sink_tokens), self._ring[layer_idx]
 
     def stored_length(self, layer_idx: int = 0) -> int:
         """Tokens actually held by ``layer_idx`` (at most ``num_sink_tokens + window``)."""
@@ -169,6 +171,7 @@ class SlidingWindowKVCache(Cache):
         else:
             slot = s + self._head[l]
             self._head[l] = (self._head[l] + 1) % self.window
+            self._ring[l] = min(self._ring[l] + 1, self.window)
         self.keys[l][:, :, slot].copy_(key[:, :, 0])
         self.values[l][:, :, slot].copy_(value[:, :, 0])
         self._pos[l][slot] = t
@@ -208,6 +211,7 @@ class SlidingWindowKVCache(Cache):
             for buf, full in zip((self.keys[l], self.values[l]), out):
                 buf[:, :, s:s + m] = full[:, :, -m:]
             self._pos[l][s:s + m] = pos[-m:]
+            self._ring[l] = m  # the ring now holds these m tokens in time order from slot s
         self._head[l] = m % W
         self._seen[l] = t0 + S
         self._returned[l] = pos
@@ -269,23 +273,57 @@ class SlidingWindowKVCache(Cache):
         self._batch *= repeats
 
     def crop(self, max_length: int) -> None:
+        """Keep only the ``max_length`` most recent tokens of every layer (``max_length >= 0``).
+
+        Positions do not move: ``get_seq_length`` is still the position of the next token and
+        ``key_positions`` / ``stored_positions`` name the kept ones.  The ring then holds fewer
+        than ``window`` tokens and refills as tokens arrive.  A layer holding at most
+        ``max_length`` tokens is unchanged.  Attention sinks are never dropped: a
+        :class:`~kv_cache.sinks.SinkKVCache` that would lose some raises ``ValueError`` (and
+        changes nothing).  Cost: one gather of the kept tokens per layer.
+        """
+        keep = self._crop_count(max_length)
+        s = self.num_sink_tokens
+        for l in range(len(self.keys)):
+            n = self.stored_length(l)
+            if s and n > keep:
+                raise ValueError(
+                    f"crop({max_length}) on layer {l}: a {type(self).__name__} keeps its first num_sink_tokens={s} "
+                    f"tokens for good (the attention sinks), and keeping only the {max_length} most recent of its {n} "
+                    f"tokens would drop them; expected max_length >= {n}. Use SlidingWindowKVCache(window="
+                    f"{max(max_length, 1)}) to keep only recent tokens, or rollback() / reset()")
+        for l in range(len(self.keys)):
+            n_ring = self._ring[l]
+            if n_ring <= keep:
+                continue
+            slots = self._ring_in_time_order(l, torch.arange(self.capacity, device=self._pos[l].device))
+            slots = slots[n_ring - keep:]  # the newest ``keep`` ring slots, oldest first (s == 0 here)
+            for buf in (self.keys[l], self.values[l]):
+                buf[:, :, :keep] = buf.index_select(2, slots)
+            self._pos[l][:keep] = self._pos[l].index_select(0, slots)
+            self._pos[l][keep:] = -1
+            self._ring[l], self._head[l] = keep, keep % self.window
+            self._returned[l] = self._pos[l][:keep]
+            self._shift[l] = self._seen[l] - keep
+
+    def rollback(self, max_length: int) -> None:
         """Roll back to the first ``max_length`` tokens (negative: drop that many from the end).
 
-        Only possible while nothing has been evicted (a dropped key cannot come back); otherwise
-        raises ``ValueError``.  O(1).
+        Only possible while nothing has been evicted or cropped (a dropped key cannot come
+        back); otherwise raises ``ValueError`` and changes nothing.  O(1).
         """
-        targets = [self._crop_target(max_length, seen) for seen in self._seen]
+        targets = [self._rollback_target(max_length, seen) for seen in self._seen]
         for l, (seen, target) in enumerate(zip(self._seen, targets)):
-            if target != seen and seen > self.capacity:
+            if target != seen and self.stored_length(l) < seen:
                 raise ValueError(
-                    f"crop({max_length}) on layer {l}: {seen} tokens were seen but only {self.capacity} are kept; "
-                    f"a {type(self).__name__} cannot roll back past tokens it already evicted")
+                    f"rollback({max_length}) on layer {l}: {seen} tokens were seen but only {self.stored_length(l)} "
+                    f"are kept; a {type(self).__name__} cannot roll back past tokens it already evicted")
         for l, target in enumerate(targets):
             if target == self._seen[l]:
                 continue
             self._seen[l] = target
-            n_ring = self._counts(l)[1]
-            self._head[l] = n_ring % self.window
+            self._ring[l] = min(max(target - self.num_sink_tokens, 0), self.window)
+            self._head[l] = self._ring[l] % self.window
             self._returned[l] = None if self._pos[l] is None else self._pos[l][:self.stored_length(l)]
             self._shift[l] = 0
 

@@ -69,8 +69,10 @@ class StaticKVCache(BufferedCache):
 
     Costs: construction allocates (and zeroes) all memory once; ``update`` copies only the new
     tokens and returns views (no allocation); ``reorder_cache``/``batch_select_indices``/
-    ``batch_repeat_interleave`` gather the used part into the same storage; ``crop`` and
-    ``reset`` are O(1).  Writing past ``max_cache_len`` raises :class:`CacheCapacityError`.
+    ``batch_repeat_interleave`` gather the used part into the same storage; ``rollback`` and
+    ``reset`` are O(1); ``crop(n)`` (keep the most recent ``n`` tokens) copies the ``n`` kept
+    tokens to the front, freeing slots for positions beyond ``max_cache_len``.  Holding more than
+    ``max_cache_len`` tokens raises :class:`CacheCapacityError`.
 
     Example::
 
@@ -113,6 +115,7 @@ class StaticKVCache(BufferedCache):
         self.keys = [torch.zeros(shape, dtype=self.k_dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=self.v_dtype, device=device) for _ in range(num_layers)]
         self._lengths = [0] * num_layers
+        self._offsets = [0] * num_layers
 
     # ------------------------------------------------------------------ configuration
     max_cache_len = property(lambda self: self._config["max_cache_len"], doc="Tokens per layer (capacity).")
@@ -179,11 +182,12 @@ class StaticKVCache(BufferedCache):
 
     def _ensure_capacity(self, layer_idx, key, value, needed):
         if needed > self.max_cache_len:
-            n, s = self._lengths[layer_idx], key.shape[self._sd]
+            n, s, off = self._lengths[layer_idx], key.shape[self._sd], self._offsets[layer_idx]
+            held = f" (positions {off}..)" if off else ""
             raise CacheCapacityError(
-                f"layer {layer_idx}: current length {n}, {s} new token(s) reaching position {needed - 1} need "
-                f"{needed} slots, but the capacity is max_cache_len={self.max_cache_len}; build a larger "
-                f"cache, crop() it, or use DynamicKVCache"
+                f"layer {layer_idx}: current length {n}{held}, {s} new token(s) reaching position {off + needed - 1} "
+                f"need {needed} slots, but the capacity is max_cache_len={self.max_cache_len}; build a larger "
+                f"cache, crop() it (keep the most recent tokens), or use DynamicKVCache"
             )
 
     def get(self, layer_idx):
@@ -192,9 +196,9 @@ class StaticKVCache(BufferedCache):
         return super().get(layer_idx)
 
     def get_seq_length(self, layer_idx=0):
-        """Tokens slots stored in ``layer_idx`` (0 if never written)."""
+        """Position of the next token of ``layer_idx``: tokens stored plus any dropped by ``crop``."""
         self._check_layer(layer_idx)
-        return self._lengths[layer_idx]
+        return self._offsets[layer_idx] + self._lengths[layer_idx]
 
     def _check_rows(self, new_batch: int, what: str) -> None:
         if new_batch > self.max_batch_size:
@@ -225,13 +229,14 @@ class StaticKVCache(BufferedCache):
         self._batch = new_batch
 
     def reset(self):
-        """Forget every token; the storage (and its address) is kept.  O(1).
+        """Forget every token and any crop offset; the storage (and its address) is kept.  O(1).
 
         Old values stay in memory but are never visible: a later write that leaves a hole past a
         layer's length zeroes that hole first (see ``BufferedCache.update``).
         """
         self._lengths = [0] * self.num_layers
         self._batch = None
+        self._forget_crop()
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(max_cache_len={self.max_cache_len}, num_layers={self.num_layers}, "
@@ -275,6 +280,7 @@ class SubStaticCache(StaticKVCache):
         self.keys = [k.narrow(0, start_idx, length) for k in parent.keys]
         self.values = [v.narrow(0, start_idx, length) for v in parent.values]
         self._lengths = [0] * self.num_layers
+        self._offsets = [0] * self.num_layers
 
     def memory_bytes(self):
         """Bytes of the parent's storage this slice covers (it allocates none of its own)."""

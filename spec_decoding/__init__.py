@@ -12,7 +12,7 @@ round costs one target pass and yields 1 to ``k + 1`` tokens.
 * :func:`make_demo_pair` / :func:`truncated_draft` -- a draft cut from the target's first layers.
 * :mod:`spec_decoding.rule` -- the acceptance rule on plain probability vectors.
 
-Both models' KV caches are rolled back with ``crop`` after every round (``kv_cache``).
+Both models' KV caches are rolled back with ``rollback`` after every round (``kv_cache``).
 """
 
 from .decoder import RoundResult, SpecDecodingStats, SpeculativeDecoder, format_stats, speculative_generate

@@ -6,14 +6,14 @@ One *round* (``k`` = draft length)::
     logits     = target([unseen..., *drafts], cache)      # ONE pass scores all k (+1 bonus)
     n, token   = verify(p(logits), q, drafts)             # accept a prefix, then 1 new token
     tokens    += drafts[:n] + [token]                      # 1 .. k+1 tokens per target pass
-    target_cache.crop(len(tokens) - 1); drafter.rollback(len(tokens) - 1)
+    target_cache.rollback(len(tokens) - 1); drafter.rollback(len(tokens) - 1)
 
 Cache invariant.  Between rounds both caches hold keys/values of (a prefix of) the accepted
 sequence *except its last token*, which is "pending": the next target pass feeds it together
 with the drafts, and its logits are the distribution of the first draft.  The target's first
 round therefore doubles as the prefill (it feeds the whole prompt), so the number of target
 passes equals the number of rounds.  After verification the target cache holds the pending
-token and all ``k`` drafts; cropping to ``len(tokens) - 1`` keeps exactly the accepted ones.
+token and all ``k`` drafts; rolling back to ``len(tokens) - 1`` keeps exactly the accepted ones.
 The draft cache lags by one token after a fully accepted round (it never fed its last draft);
 the drafter feeds whatever it missed at the start of the next round.
 
@@ -30,6 +30,7 @@ from typing import Callable, List, Optional, Union
 
 import torch
 
+from transformer.generation import check_token_ids
 from .drafters import Drafter, ModelDrafter, Proposal
 from .rule import SamplingSettings, probs_from_logits, verify_greedy, verify_sampled
 
@@ -165,6 +166,7 @@ class SpeculativeDecoder:
             raise ValueError("input_ids must hold at least one token (got prompt length 0)")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        check_token_ids("input_ids", input_ids, cfg.vocab_size)  # not torch's IndexError from the embedding
         if cfg.pos_encoding == "learned" and P + max_new_tokens > cfg.max_seq_len:
             raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds the target's "
                              f"max_seq_len={cfg.max_seq_len} (its learned position table)")
@@ -233,7 +235,7 @@ class SpeculativeDecoder:
         self.tokens = torch.cat([self.tokens, new], dim=1)
         # Roll back: keep keys/values of the accepted sequence minus its (pending) last token.
         keep = self.tokens.shape[1] - 1
-        self.target_cache.crop(keep)
+        self.target_cache.rollback(keep)
         self.drafter.rollback(keep)
 
         self.stats.proposed_tokens += m

@@ -93,7 +93,7 @@ class ModelDrafter:
     prompt in the first round, usually just the last accepted token afterwards, and two tokens
     after a fully accepted round (the last draft, which the drafter sampled but never fed, and
     the target's bonus token).  Each further draft is one single-token pass.  :meth:`rollback`
-    crops the cache back to the accepted prefix (with ``fast`` it only moves the write position:
+    rolls the cache back to the accepted prefix (with ``fast`` it only moves the write position:
     slots past it are masked and later overwritten).
 
     Cost per round of ``k`` drafts: ``k`` forward passes of the draft model.
@@ -194,7 +194,7 @@ class ModelDrafter:
     def rollback(self, length):
         self.length = min(length, self.length)
         if self.cache is not None:
-            self.cache.crop(self.length)  # FixedShapeKVCache: moves the host-side length only
+            self.cache.rollback(self.length)  # FixedShapeKVCache: moves the host-side length only
 
 
 def find_ngram_continuation(tokens: torch.Tensor, k: int, max_ngram: int = 3, min_ngram: int = 1) -> torch.Tensor:

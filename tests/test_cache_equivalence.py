@@ -92,8 +92,69 @@ def test_speculative_style_multi_token_step_matches_reference():
         b = model(seq[:, 7:12], cache=cache)
         c = model(seq[:, 12:], cache=cache)
         torch.testing.assert_close(torch.cat([a, b, c], 1), full, atol=ATOL, rtol=0)
-        cache.crop(10)  # roll back and redo: same answer
+        cache.rollback(10)  # roll back and redo: same answer
         torch.testing.assert_close(model(seq[:, 10:], cache=cache), full[:, 10:], atol=ATOL, rtol=0)
+
+
+def _attention_over(model, ids, first_visible, window=None):
+    """The hand-built reference for a cropped cache: the uncached model run over all of ``ids``
+    ``(B, T)`` at positions ``0..T-1`` with an explicit mask -- query ``q`` sees key ``k`` iff
+    ``first_visible[q] <= k <= q`` (and ``q - k < window``).  Uses the model's own modules
+    (embeddings, blocks, head) but none of its cache or mask logic."""
+    dec = model.decoder
+    T = ids.shape[1]
+    pos = torch.arange(T)
+    x = dec.tok_emb(ids)
+    rope = None
+    if dec.pos_emb is not None:
+        x = x + dec.pos_emb(pos[None])
+    else:
+        rope = dec.rotary(pos[None])
+    q, k = pos[:, None], pos[None, :]
+    allowed = (k <= q) & (k >= first_visible[:, None])
+    if window is not None:
+        allowed &= q - k < window
+    for block in dec.blocks:
+        x = block(x, mask=allowed[None, None], rope=rope)
+    return dec.lm_head(dec.norm_f(x))
+
+
+@pytest.mark.parametrize("kind", ["dynamic-bhsd", "static-bshd", "substatic-bhsd", "window"])
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_decoding_after_crop_attends_exactly_to_the_kept_positions(pos, kind):
+    """``cache.crop(n)`` keeps the last ``n`` tokens; decoding continues at the right positions
+    and attends to exactly those tokens plus the new ones (one-token steps and a 3-token chunk,
+    through two crops), as the explicit-mask reference does; the crop point's prompt logits are
+    those of plain causal attention."""
+    window = 6 if kind == "window" else None
+    model = tiny_decoder("gqa", pos, sliding_window=window) if window else _decoder("gqa", pos)
+    seq = torch.randint(0, 61, (2, 22), generator=torch.Generator().manual_seed(4))
+    if kind == "window":
+        from kv_cache import SlidingWindowKVCache
+        cache = SlidingWindowKVCache(window)
+    else:
+        cache = make_test_cache(kind, model.config, 2, 16)  # 16 slots for 22 positions: crop frees room
+    first_visible = torch.zeros(22, dtype=torch.long)
+    got = [model(seq[:, :10], cache=cache)]                      # prompt: positions 0..9
+    cache.crop(4)                                                # keep positions 6..9
+    assert cache.get_seq_length(0) == 10 and not cache.is_lossless
+    assert torch.equal(cache.key_positions(0).sort().values, torch.arange(6, 10))
+    first_visible[10:] = 6
+    for t in range(10, 14):                                      # one token at a time: 10..13
+        got.append(model(seq[:, t:t + 1], cache=cache))
+    got.append(model(seq[:, 14:17], cache=cache))                # a chunk: 14..16 (DeferredMask path)
+    cache.crop(3)                                                # keep positions 14..16
+    first_visible[17:] = 14
+    for t in range(17, 22):
+        got.append(model(seq[:, t:t + 1], cache=cache))
+    assert cache.get_seq_length(0) == 22
+    want = _attention_over(model, seq, first_visible, window)
+    torch.testing.assert_close(torch.cat(got, 1), want, atol=ATOL, rtol=0)
+    plain = _attention_over(model, seq, torch.zeros(22, dtype=torch.long), window)
+    assert (plain[:, 10:] - want[:, 10:]).abs().max() > 1e-2  # the crop did change what later tokens see
+    if kind != "window":
+        with pytest.raises(ValueError, match=r"crop\(\) dropped positions 0..13: expected positions >= 14"):
+            model(seq[:, 13:14], cache=cache, cache_position=torch.tensor([13]))
 
 
 def test_explicit_cache_position_1d_matches_append():

@@ -53,27 +53,31 @@ def test_memory_bytes_counts_allocated_capacity():
     assert cache.memory_bytes() == 0 and cache.get(0) is None and cache.get_seq_length(3) == 0
 
 
-def test_crop_keeps_capacity_and_next_append_overwrites():
+def test_rollback_keeps_capacity_and_next_append_overwrites():
     cache = DynamicKVCache()
     k, v = kv(s=6)
     cache.update(k, v, 0)
-    cache.crop(-2)
+    cache.rollback(-2)
     assert cache.get_seq_length(0) == 4 and torch.equal(cache.get(0)[0], k[:, :, :4])
-    cache.crop(10)  # longer than stored: no-op
+    cache.rollback(10)  # longer than stored: no-op
     assert cache.get_seq_length(0) == 4
     k2, v2 = kv()
     out, _ = cache.update(k2, v2, 0)
     assert torch.equal(out, torch.cat([k[:, :, :4], k2], dim=2))
+    with pytest.raises(TypeError, match=r"rollback\(max_length\) takes an int, got float"):
+        cache.rollback(1.5)
     with pytest.raises(TypeError, match=r"crop\(max_length\) takes an int, got float"):
         cache.crop(1.5)
+    with pytest.raises(ValueError, match=r"max_length must be >= 0, got -1; to drop tokens from the end use rollback"):
+        cache.crop(-1)
 
 
-def test_batch_ops_on_a_layer_left_empty_by_crop_after_a_batch_change():
-    # Regression: layer 1 keeps a 1-row buffer after crop(0) while layer 0 restarts with 2 rows.
+def test_batch_ops_on_a_layer_left_empty_by_rollback_after_a_batch_change():
+    # Regression: layer 1 keeps a 1-row buffer after rollback(0) while layer 0 restarts with 2 rows.
     cache = DynamicKVCache()
     cache.update(*kv(b=1), 0)
     cache.update(*kv(b=1), 1)
-    cache.crop(0)
+    cache.rollback(0)
     k, v = kv(b=2)
     cache.update(k, v, 0)
     cache.reorder_cache([1, 0])

@@ -55,18 +55,24 @@ def test_cross_keys_are_set_once_and_reused():
     assert c.get_seq_length(0) == 0  # the decoder history is a different cache
 
 
-def test_self_side_delegation_crop_and_reset():
+def test_self_side_delegation_rollback_crop_and_reset():
     c = EncoderDecoderCache(static(), static())
     k, v = kv(s=3)
     out = c.update(k, v, 0)
     assert torch.equal(out[0], k) and torch.equal(c.get(0)[1], v) and c.get_seq_length(0) == 3
     assert c.get(1) is None and c.get_max_cache_shape() == 8 and len(c) == 3
     c.set_cross(0, *kv(s=4))
-    c.crop(-1)  # rolls back the decoder only
+    c.rollback(-1)  # rolls back the decoder only
     assert c.get_seq_length(0) == 2 and c.get_cross_seq_length(0) == 4 and c.has_cross(0)
+    c.crop(1)  # keeps the most recent decoder token only; the source stays
+    assert c.get_seq_length(0) == 2 and torch.equal(c.get(0)[0], k[:, :, 1:2]) and c.get_cross_seq_length(0) == 4
+    assert c.key_positions(0).tolist() == [1] and not c.is_lossless
+    c.rollback(2)  # a no-op at the current length is fine; below the first kept position is refused
+    with pytest.raises(ValueError, match=r"crop\(\) already dropped positions 0..0"):
+        c.rollback(0)
     assert c.memory_bytes() == 2 * static().memory_bytes()
     c.reset()
-    assert c.get_seq_length(0) == 0 and c.get_cross_seq_length(0) == 0
+    assert c.get_seq_length(0) == 0 and c.get_cross_seq_length(0) == 0 and c.is_lossless
     assert not c.has_cross(0) and c.is_updated == {}
     c.set_cross(0, *kv(s=2))  # a new source after reset
     assert c.get_cross_seq_length(0) == 2

@@ -1,10 +1,13 @@
 """Property tests: random op sequences on every cache must match the naive oracle exactly.
 
 Each example builds a cache and a ``ReferenceCache`` and applies the same random sequence of
-``update`` (all cache_position modes) / ``crop`` / ``reorder_cache`` / ``batch_select_indices``
-/ ``batch_repeat_interleave`` / ``reset``.  After every op the cache's ``get``/``update``
-results must be ``torch.equal`` to the oracle's and the lengths must agree.  Overflowing a
-static cache must raise ``CacheCapacityError`` and change nothing.
+``update`` (all cache_position modes) / ``crop`` (keep the most recent tokens) / ``rollback``
+(keep the first positions) / ``reorder_cache`` / ``batch_select_indices`` /
+``batch_repeat_interleave`` / ``reset``.  After every op the cache's ``get``/``update`` results
+must be ``torch.equal`` to the oracle's, and the lengths, ``key_positions`` and ``is_lossless``
+must agree.  Overflowing a static cache must raise ``CacheCapacityError``, writing before the
+first position a crop kept and rolling back below it must raise ``ValueError``; none of them
+may change anything.
 """
 
 from contextlib import nullcontext
@@ -18,7 +21,7 @@ from kv_cache import CacheCapacityError, DynamicKVCache, EncoderDecoderCache, St
 from reference_cache import ReferenceCache
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-OPS = ["update"] * 5 + ["crop", "select", "reorder", "repeat", "reset"]
+OPS = ["update"] * 5 + ["crop", "rollback", "select", "reorder", "repeat", "reset"]
 DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float32)]
 UPDATE_MODES = ["append", "0d", "1d_contig", "1d_perm", "2d"]
 
@@ -53,6 +56,8 @@ class Target:
         for l in range(self.num_layers):
             assert self.cache.get_seq_length(l) == self.oracle.get_seq_length(l), f"length of layer {l}"
             assert_pair_equal(self.cache.get(l), self.oracle.get(l), f"get({l})")
+            assert torch.equal(self.cache.key_positions(l).cpu(), self.oracle.key_positions(l)), f"key_positions({l})"
+        assert self.cache.is_lossless == self.oracle.is_lossless
 
     def lengths(self):
         return [self.oracle.get_seq_length(l) for l in range(self.num_layers)]
@@ -64,17 +69,18 @@ class Target:
         return b
 
 
-def draw_positions(data, mode, batch, length):
-    """``(seq, cache_position)`` for one update of a layer holding ``length`` tokens."""
+def draw_positions(data, mode, batch, length, lo=0):
+    """``(seq, cache_position)`` for one update of a layer whose next position is ``length``;
+    positions are drawn from ``lo`` on."""
     if mode == "append":
         return data.draw(st.integers(1, 3), label="seq"), None
     if mode == "0d":
-        return 1, torch.tensor(data.draw(st.integers(0, length + 2), label="pos"))
+        return 1, torch.tensor(data.draw(st.integers(lo, length + 2), label="pos"))
     seq = data.draw(st.integers(1, 3), label="seq")
     if mode == "1d_contig":
-        start = data.draw(st.integers(0, length + 1), label="start")
+        start = data.draw(st.integers(lo, length + 1), label="start")
         return seq, torch.arange(start, start + seq)
-    pool = list(range(length + 4))
+    pool = list(range(lo, length + 4))
     if mode == "1d_perm":
         return seq, torch.tensor(data.draw(st.permutations(pool), label="perm")[:seq])
     rows = [data.draw(st.permutations(pool), label="row perm")[:seq] for _ in range(batch)]
@@ -88,12 +94,18 @@ def end_of(seq, pos, length):
 def run_update(data, gen, t: Target):
     layer = data.draw(st.integers(0, t.num_layers - 1), label="layer")
     batch = t.batch_for_update(data)
-    n = t.oracle.get_seq_length(layer)
+    n, first = t.oracle.get_seq_length(layer), t.oracle.first_position(layer)
     mode = data.draw(st.sampled_from(UPDATE_MODES), label="mode")
-    seq, pos = draw_positions(data, mode, batch, n)
-    event(f"update {mode}")
+    below = first > 0 and data.draw(st.integers(0, 4), label="may write below first") == 0
+    seq, pos = draw_positions(data, mode, batch, n, lo=0 if below else first)
+    event(f"update {mode}" + (" after crop" if first else ""))
     k, v = t.kv(gen, batch, seq)
-    if t.max_len is not None and end_of(seq, pos, n) > t.max_len:
+    if pos is not None and int(pos.min()) < first:
+        with pytest.raises(ValueError, match=rf"crop\(\) dropped positions 0..{first - 1}: expected positions >= {first}"):
+            t.cache.update(k, v, layer, cache_position=pos)
+        event("write before the first kept position")
+        return
+    if t.max_len is not None and end_of(seq, pos, n) - first > t.max_len:
         with pytest.raises(CacheCapacityError, match="max_cache_len"):
             t.cache.update(k, v, layer, cache_position=pos)
         event("capacity error")
@@ -109,11 +121,23 @@ def run_op(data, gen, t: Target, op):
     if op == "update":
         run_update(data, gen, t)
         return None
-    if op == "crop":
-        m = max(t.lengths()) + 1
-        arg = data.draw(st.sampled_from([0, -m]) | st.integers(-m, m), label="crop")  # emptying is the edge case
+    if op == "crop":  # keep the most recent tokens
+        m = max(t.oracle._length(l) for l in range(t.num_layers)) + 1
+        arg = data.draw(st.sampled_from([0]) | st.integers(0, m), label="crop")  # emptying is the edge case
         t.cache.crop(arg)
         t.oracle.crop(arg)
+        return arg
+    if op == "rollback":  # keep the first positions
+        m = max(t.lengths()) + 1
+        arg = data.draw(st.sampled_from([0, -m]) | st.integers(-m, m), label="rollback")
+        try:
+            t.oracle.rollback(arg)
+        except ValueError:  # below a crop's first position: refused, nothing changes
+            event("rollback below the first kept position")
+            with pytest.raises(ValueError, match=r"crop\(\) already dropped positions"):
+                t.cache.rollback(arg)
+            return arg
+        t.cache.rollback(arg)
         return arg
     if op == "reset":
         t.cache.reset()

@@ -93,7 +93,7 @@ def test_cache_interface_reset_and_batch_ops():
     cache.batch_repeat_interleave(2)
     assert cache.get(0)[0].shape == (2, 1, 3, 2)
     with pytest.raises(ValueError, match="already evicted"):
-        cache.crop(2)
+        cache.rollback(2)
     cache.reset()
     assert cache.get(0) is None and cache.memory_bytes() == 0 and cache.get_cache_info()["tokens_seen"] == 0
 

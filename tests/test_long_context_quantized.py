@@ -114,15 +114,15 @@ def test_invalid_bit_widths_and_shapes_raise_clear_errors(call, match):
         call()
 
 
-def test_only_appends_crop_batch_ops_and_reset():
+def test_only_appends_rollback_batch_ops_and_reset():
     cache = QuantizedKVCache(nbits=8, group_size=4, residual_length=2)
     k = torch.randn(3, 1, 6, 4)
     cache.update(k, k, 0)
     with pytest.raises(ValueError, match="only appends"):
         cache.update(k[:, :, :1], k[:, :, :1], 0, cache_position=torch.tensor([2]))
-    cache.crop(5)
+    cache.rollback(5)
     assert cache.get_seq_length() == 5 and cache.quantized_length() == 4
-    cache.crop(3)
+    cache.rollback(3)
     assert cache.get_seq_length() == 3 and cache.get(0)[0].shape == (3, 1, 3, 4)
     before = cache.get(0)[0]
     cache.batch_select_indices([2, 0])

@@ -149,11 +149,11 @@ def test_invalid_updates_raise_clear_errors():
         cache.key_positions(5)
 
 
-def test_crop_batch_ops_and_reset():
+def test_rollback_batch_ops_and_reset():
     cache = SlidingWindowKVCache(4)
     k = torch.randn(3, 1, 3, 2)
     cache.update(k, k, 0)
-    cache.crop(-1)  # nothing evicted yet: exact rollback
+    cache.rollback(-1)  # nothing evicted yet: exact rollback
     assert cache.get_seq_length() == 2 and torch.equal(cache.get(0)[0], k[:, :, :2])
     cache.batch_select_indices([2, 0])
     assert torch.equal(cache.get(0)[0], k[[2, 0], :, :2])
@@ -161,8 +161,8 @@ def test_crop_batch_ops_and_reset():
     assert cache.get(0)[0].shape[0] == 4
     cache.update(torch.randn(4, 1, 5, 2), torch.randn(4, 1, 5, 2), 0)  # 7 seen, 4 kept: 3 evicted
     with pytest.raises(ValueError, match="already evicted"):
-        cache.crop(-1)
-    cache.crop(7)  # a no-op is fine
+        cache.rollback(-1)
+    cache.rollback(7)  # a no-op is fine
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.memory_bytes() == 0 and cache.get(0) is None
 
