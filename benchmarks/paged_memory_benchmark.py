@@ -153,13 +153,13 @@ def simulate(workload: List[Tuple[int, int]], cfg: PagedBenchConfig, paged: bool
                 break
             waiting.popleft()
             manager.add_sequence(rid)
-            manager.set_cache(0, rid, zeros[:need], zeros[:need])
+            manager.append_cache(0, rid, zeros[:need], zeros[:need])
             length[rid] = need
             recomputed += generated[rid]
             running.append(rid)
         for rid in reversed(running):  # decode one token each, newest first
             if rid in manager:
-                manager.set_cache(0, rid, zeros[:1], zeros[:1])
+                manager.append_cache(0, rid, zeros[:1], zeros[:1])
                 generated[rid] += 1
                 length[rid] += 1
         evicted = [rid for rid in running if rid not in manager]

@@ -32,10 +32,11 @@ __all__ = [
 # Paged KV memory manager (PagedAttention-style block pool, eviction, prefix sharing).
 # ``CacheConfig`` / ``EvictionPolicy``   size, budget and eviction policy of the pool
 # ``AdvancedKVCache``                   many sequences in one budgeted block pool
+# ``EvictedSequenceError``              appending to a sequence the pool evicted (re-prefill it)
 # ``PagedCacheView``                    a batch of its sequences behind the ``Cache`` API
 # ``CachedAttentionMixin``              lets any attention module use it by ``sequence_id``
 # ``CachePerformanceMonitor``           snapshots, trends and recommendations
-from .advanced import AdvancedKVCache, UnknownSequenceError
+from .advanced import AdvancedKVCache, EvictedSequenceError, UnknownSequenceError
 from .attention_mixin import CachedAttentionMixin
 from .cache_config import CacheConfig, EvictionPolicy, create_cache_config_for_speculative_decoding
 from .monitor import CachePerformanceMonitor
@@ -45,7 +46,7 @@ from .prefix_cache import block_hash
 
 __all__ += [
     "AdvancedKVCache", "BlockPool", "CacheConfig", "CachePerformanceMonitor", "CachedAttentionMixin",
-    "EvictionPolicy", "PagedCacheView", "PoolExhaustedError", "UnknownSequenceError", "block_hash",
+    "EvictedSequenceError", "EvictionPolicy", "PagedCacheView", "PoolExhaustedError", "UnknownSequenceError", "block_hash",
     "create_cache_config_for_speculative_decoding",
 ]
 

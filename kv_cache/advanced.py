@@ -6,8 +6,11 @@ hashable ``sequence_id``) needs, for every layer, the keys and values of all its
 manager keeps them all in one :class:`~kv_cache.paged.BlockPool` under a hard memory budget:
 
 * **per-sequence block tables** -- a sequence owns a list of block ids, shared by all layers;
-  a write appends tokens to one layer, taking a new block from the free list only when the
-  sequence crosses a block boundary (``set_cache`` / ``append_and_gather``);
+  an append adds tokens to one layer, taking a new block from the free list only when the
+  sequence crosses a block boundary (``append_cache`` / ``append_and_gather``).  ``set_cache``
+  instead *replaces* a layer's keys/values with the whole tensor it is given (the reference
+  guide's attention stores a sequence's entire K/V at every step); it rewrites the blocks the
+  sequence already has and returns the ones it no longer needs;
 * **eviction** -- when no block is free, :class:`~kv_cache.cache_config.EvictionPolicy` decides:
   raise (``NONE``), drop whole sequences (``LRU``, ``ADAPTIVE``) or drop blocks that fell out
   of a sequence's window (``SLIDING_WINDOW``).  Sequences pinned by an active
@@ -17,6 +20,13 @@ manager keeps them all in one :class:`~kv_cache.paged.BlockPool` under a hard me
   new sequence at them: the caller prefills only the rest.  ``fork_sequence`` shares every
   block of a sequence (beam search, parallel sampling).  Shared blocks are copied on the
   first write (copy on write), so no sequence can change another's tokens.
+
+Gone sequences.  A read of a sequence that is not held is a miss (``None``).  An *append* to
+one that the pool **evicted** raises :class:`EvictedSequenceError`: appending would restart it
+empty and the model would silently decode without its context.  The caller re-prefills it --
+``set_cache`` with its whole keys/values, or ``clear_sequence(id)`` / ``add_sequence(id)`` and
+then appends -- all deliberate restarts.  Cleared ids may be reused freely.  The manager
+remembers the last ``config.max_remembered_ids`` gone ids (bounded host memory).
 
 Tensor shapes: one sequence, one layer, ``T`` new tokens: ``key``/``value`` are ``(T,
 num_kv_heads, head_dim)``, or ``(T, num_kv_heads * head_dim)`` (= ``(T, embed_dim)`` without
@@ -34,7 +44,7 @@ and reads.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
@@ -56,6 +66,16 @@ class UnknownSequenceError(KeyError):
         return str(self.args[0])
 
 
+class EvictedSequenceError(UnknownSequenceError):
+    """An append (or a :class:`~kv_cache.paged_view.PagedCacheView`) tried to *continue* a
+    sequence the pool evicted.  Its keys/values are gone; continuing would restart it empty.
+
+    Re-prefill it instead: ``set_cache`` its whole keys/values (a deliberate restart), or
+    ``clear_sequence(id)`` (or ``add_sequence(id, ...)``) and append from token 0.  Subclasses
+    :class:`UnknownSequenceError` (a ``KeyError``): the id is not held.
+    """
+
+
 class AdvancedKVCache(EvictionMixin):
     """A paged, budgeted, shared KV store for many sequences and all layers.  See the module doc.
 
@@ -70,6 +90,8 @@ class AdvancedKVCache(EvictionMixin):
                                             num_heads=4, num_layers=2, memory_limit_mb=1))
         cache.set_cache(0, "req-1", torch.randn(5, 4, 16), torch.randn(5, 4, 16))
         k, v = cache.get_cache(0, "req-1")          # (5, 4, 16) each: exactly what was stored
+        cache.append_cache(0, "req-1", torch.randn(1, 4, 16), torch.randn(1, 4, 16))  # now 6 tokens
+        cache.set_cache(0, "req-1", torch.randn(3, 4, 16), torch.randn(3, 4, 16))     # replaced: 3
         cache.get_cache(0, "req-2") is None          # a miss
     """
 
@@ -84,7 +106,9 @@ class AdvancedKVCache(EvictionMixin):
         self.device = self.pool.device
         self._offsets = torch.arange(config.block_size, device=self.device)
         self._seqs: Dict[Hashable, SequenceState] = {}
-        self._retired: set = set()  # ids cleared or evicted: reads miss, clear_sequence returns False
+        # ids no longer held -> "cleared" or "evicted" (oldest first, at most max_remembered_ids):
+        # reads miss, clear_sequence returns False, and appending to an evicted id raises.
+        self._gone: "OrderedDict[Hashable, str]" = OrderedDict()
         self._clock = 0
         #: the most recent evictions: ``(kind, sequence_id, blocks)``, kind "sequence" or "window"
         self.eviction_log: deque = deque(maxlen=1000)
@@ -98,10 +122,39 @@ class AdvancedKVCache(EvictionMixin):
     def _seq(self, sequence_id) -> SequenceState:
         seq = self._seqs.get(sequence_id)
         if seq is None:
-            why = "it was cleared or evicted" if sequence_id in self._retired else "it was never added"
+            if self._gone.get(sequence_id) == "evicted":
+                raise self._evicted_error(sequence_id)
+            why = "it was cleared" if sequence_id in self._gone else "it was never added"
             raise UnknownSequenceError(f"sequence_id={sequence_id!r} is not held by this cache ({why}); "
                                        f"held: {self._preview_ids()}")
         return seq
+
+    def _evicted_error(self, sequence_id) -> EvictedSequenceError:
+        return EvictedSequenceError(
+            f"sequence_id={sequence_id!r} was evicted (eviction_policy={self._policy().value}, "
+            f"memory_limit_mb={self.config.memory_limit_mb:g}, max_batch_size={self.config.max_batch_size}): "
+            f"its keys/values are gone, and continuing it would decode without its context.  Re-prefill it: "
+            f"set_cache its whole keys/values, or clear_sequence({sequence_id!r}) (or add_sequence) and write "
+            f"them again from token 0")
+
+    def _check_continuable(self, sequence_id) -> None:
+        """Raise :class:`EvictedSequenceError` if ``sequence_id`` is not held because it was evicted."""
+        if sequence_id not in self._seqs and self._gone.get(sequence_id) == "evicted":
+            raise self._evicted_error(sequence_id)
+
+    def _remember_gone(self, sequence_id, how: str) -> None:
+        self._gone[sequence_id] = how
+        self._gone.move_to_end(sequence_id)
+        while len(self._gone) > self.config.max_remembered_ids:
+            self._gone.popitem(last=False)
+
+    def was_evicted(self, sequence_id) -> bool:
+        """True if the pool evicted ``sequence_id`` and nobody restarted or cleared it since.
+
+        Such an id reads as a miss, and appending to it raises :class:`EvictedSequenceError`.
+        Only the last ``config.max_remembered_ids`` gone ids are remembered.  O(1).
+        """
+        return sequence_id not in self._seqs and self._gone.get(sequence_id) == "evicted"
 
     def _preview_ids(self) -> str:
         ids = list(self._seqs)
@@ -155,7 +208,8 @@ class AdvancedKVCache(EvictionMixin):
         the number returned -- at most ``len(token_ids) - 1``, so at least one token is left
         to prefill (its logits are needed).  Write the keys/values of ``token_ids[n:]`` next.
         With ``use_memory_pool=False`` the sequence reserves ``max_sequence_length`` tokens now.
-        Raises ``ValueError`` if the id is already held.
+        Raises ``ValueError`` if the id is already held.  Adding an id the pool evicted is a
+        deliberate restart (the caller then prefills it) and forgets that it was evicted.
         """
         if sequence_id in self._seqs:
             raise ValueError(f"sequence_id={sequence_id!r} already exists; clear_sequence it first or pick a new id")
@@ -174,7 +228,7 @@ class AdvancedKVCache(EvictionMixin):
         seq = SequenceState(blocks=blocks, lengths=[cached] * cfg.num_layers, token_ids=ids,
                             hashes=hashes[: cached // bs])
         self._seqs[sequence_id] = seq
-        self._retired.discard(sequence_id)
+        self._gone.pop(sequence_id, None)
         self._tick(seq)
         if ids:
             self.counters.prefix_queries += 1
@@ -219,9 +273,9 @@ class AdvancedKVCache(EvictionMixin):
                 self.pool.incref(b)
         child = SequenceState(blocks=list(parent.blocks), lengths=list(parent.lengths),
                               token_ids=list(parent.token_ids), hashes=list(parent.hashes), flat=parent.flat,
-                              dropped=parent.dropped)
+                              dropped=parent.dropped, indexable=parent.indexable)
         self._seqs[child_id] = child
-        self._retired.discard(child_id)
+        self._gone.pop(child_id, None)
         self._tick(parent)
         self._tick(child)
 
@@ -252,24 +306,33 @@ class AdvancedKVCache(EvictionMixin):
 
     def clear_sequence(self, sequence_id) -> bool:
         """Free ``sequence_id``'s blocks.  True if it was held; False if it was already cleared or
-        evicted; ``UnknownSequenceError`` if the id was never seen."""
+        evicted; ``UnknownSequenceError`` if the id was never seen.
+
+        Clearing an evicted id acknowledges the loss: the id may then be reused (an append
+        starts it anew) instead of raising :class:`EvictedSequenceError`.
+        """
         if sequence_id not in self._seqs:
-            if sequence_id in self._retired:
+            if sequence_id in self._gone:
+                self._remember_gone(sequence_id, "cleared")
                 return False
             self._seq(sequence_id)  # raises with the message
         self._free_sequence(sequence_id)
         return True
 
-    def _free_sequence(self, sequence_id) -> int:
+    def _free_sequence(self, sequence_id, evicted: bool = False) -> int:
         seq = self._seqs.pop(sequence_id)
         freed = sum(self.pool.decref(b) for b in seq.blocks if b is not None)
-        self._retired.add(sequence_id)
+        self._remember_gone(sequence_id, "evicted" if evicted else "cleared")
         return freed
 
     def clear_all(self) -> None:
-        """Free every sequence and forget the prefix cache; the storage itself is kept."""
+        """Free every sequence and forget the prefix cache; the storage itself is kept.
+
+        A deliberate reset: ids evicted earlier count as cleared afterwards (reusable)."""
         for sid in list(self._seqs):
             self._free_sequence(sid)
+        for sid in self._gone:
+            self._gone[sid] = "cleared"
         self.pool.forget_cached_free()
 
     def pin(self, sequence_id) -> None:
@@ -284,63 +347,133 @@ class AdvancedKVCache(EvictionMixin):
 
     # ------------------------------------------------------------------ writes
     def set_cache(self, layer_id: int, sequence_id, key: Tensor, value: Tensor) -> int:
-        """Append ``T`` tokens' ``key``/``value`` to ``sequence_id`` in ``layer_id``; return its new length.
+        """Store ``key``/``value`` as ``sequence_id``'s keys/values in ``layer_id``, *replacing* what
+        that layer held; return the number of tokens now stored there (``T``).
 
-        Shapes: ``(T, num_kv_heads, head_dim)`` or ``(T, num_kv_heads * head_dim)``; dtype and
-        device of the config.  An id not held yet is added (as by ``add_sequence`` without token
-        ids).  May evict other sequences (or this one's out-of-window blocks) per the policy;
-        raises :class:`PoolExhaustedError` if the policy cannot make room (nothing is written
-        then) and :class:`CacheCapacityError` past ``max_sequence_length``.
+        This is the reference guide's call: its attention computes a sequence's whole K/V
+        (cached part + new tokens) and stores all of it at every step, and
+        ``get_cache(layer_id, sequence_id, seq_len)`` then returns exactly this tensor (at most
+        its first ``seq_len`` tokens).  To add tokens after the stored ones use
+        :meth:`append_cache`.
+
+        Shapes: ``(T, num_kv_heads, head_dim)`` or flat ``(T, num_kv_heads * head_dim)`` (``(T,
+        embed_dim)`` without GQA; reads then come back flat); dtype and device of the config;
+        ``T <= max_sequence_length``.  An id not held is added -- also one the pool evicted:
+        storing its whole K/V is a deliberate restart, so nothing is lost.  Other layers keep
+        their tokens.
+
+        Memory: the sequence's blocks are rewritten in place (a block shared with another
+        sequence is copied first, a block in the prefix index leaves it), new blocks are taken
+        only past the ones it has, and blocks no layer needs any more go back to the pool.  The
+        manager cannot tell which tokens these keys belong to, so from now on (until the
+        sequence is cleared) its blocks are offered to no prefix match.  If the sliding window
+        had dropped the sequence's first blocks, the whole sequence restarts from token 0: its
+        other layers are emptied (their next read misses).
+        Cost: one copy of ``T`` tokens.  May evict other sequences per the policy; raises
+        :class:`PoolExhaustedError` if it cannot make room (this layer is then unchanged).
         """
         self._check_layer(layer_id)
         key, value, flat = check_kv_write(self.config, self.device, key, value, batched=False)
+        self._check_max_length(sequence_id, layer_id, 0, key.shape[0])
         if sequence_id not in self._seqs:
             self.add_sequence(sequence_id)
         seq = self._seqs[sequence_id]
-        if seq.flat is not None and seq.flat != flat and seq.length:
-            raise ValueError(f"sequence_id={sequence_id!r} was written with {'flat' if seq.flat else '3-D'} tensors; "
-                             f"keep one format per sequence")
+        self._check_format(sequence_id, seq, flat, skip_layer=layer_id)
+        if seq.dropped:
+            self._restart(sequence_id, seq)
+        seq.indexable = False
+        seq.pins += 1  # the window must not trim the blocks this write is about to rewrite
+        try:
+            self._write(sequence_id, seq, layer_id, 0, key, value)
+        finally:
+            seq.pins -= 1
         seq.flat = flat
-        self._append(sequence_id, seq, layer_id, key, value)
+        if self.config.use_memory_pool:  # a shorter K/V may leave blocks no layer needs
+            keep = -(-seq.length // self.config.block_size)
+            for b in seq.blocks[keep:]:
+                if b is not None:
+                    self.pool.decref(b)
+            del seq.blocks[keep:]
         return seq.lengths[layer_id]
 
-    def _append(self, sid, seq: SequenceState, layer: int, key: Tensor, value: Tensor) -> None:
-        """Write ``key``/``value`` ``(T, H, D)`` after ``seq``'s last token of ``layer``."""
-        old, T, bs = seq.lengths[layer], key.shape[0], self.config.block_size
-        new = old + T
-        self._check_max_length(sid, seq, layer, T)
-        if T == 0:
-            return
-        first, last = old // bs, (new - 1) // bs
-        touched = range(first, min(last + 1, len(seq.blocks)))
-        self._ensure_free(self._blocks_needed(seq, layer, T), protect=(sid,))
-        for i in touched:  # shared blocks are copied before the write; indexed ones stop being indexed
-            b = seq.blocks[i]
-            if self.pool.ref_counts[b] > 1:
-                seq.blocks[i] = self.pool.copy_block(b)
+    def append_cache(self, layer_id: int, sequence_id, key: Tensor, value: Tensor) -> int:
+        """Append ``T`` tokens' ``key``/``value`` after ``sequence_id``'s last token in ``layer_id``;
+        return its new length there.
+
+        Shapes as :meth:`set_cache`.  An id never seen (or cleared) is added, as by
+        ``add_sequence`` without token ids.  An id the pool **evicted** raises
+        :class:`EvictedSequenceError`: appending to it would restart it empty and the model
+        would decode without its context (re-prefill it: see the error).  Takes a new block only
+        when the sequence crosses a block boundary (plus one copy if the block it writes into is
+        shared).  May evict other sequences (or this one's out-of-window blocks) per the policy;
+        raises :class:`PoolExhaustedError` if the policy cannot make room (nothing is written
+        then) and :class:`CacheCapacityError` past ``max_sequence_length``.
+        Cost: one copy of the ``T`` new tokens.
+        """
+        self._check_layer(layer_id)
+        key, value, flat = check_kv_write(self.config, self.device, key, value, batched=False)
+        self._check_continuable(sequence_id)
+        if sequence_id not in self._seqs:
+            self._check_max_length(sequence_id, layer_id, 0, key.shape[0])  # refuse before adding the id
+            self.add_sequence(sequence_id)
+        seq = self._seqs[sequence_id]
+        self._check_format(sequence_id, seq, flat)
+        seq.flat = flat
+        self._write(sequence_id, seq, layer_id, seq.lengths[layer_id], key, value)
+        return seq.lengths[layer_id]
+
+    def _check_format(self, sid, seq: SequenceState, flat: bool, skip_layer: Optional[int] = None) -> None:
+        """One tensor format per sequence: refuse flat after 3-D (or back) while any other layer holds tokens."""
+        others = any(n for i, n in enumerate(seq.lengths) if i != skip_layer)
+        if seq.flat is not None and seq.flat != flat and others:
+            raise ValueError(f"sequence_id={sid!r} was written with {'flat' if seq.flat else '3-D'} tensors; "
+                             f"keep one format per sequence")
+
+    def _restart(self, sid, seq: SequenceState) -> None:
+        """Empty every layer of ``seq`` and give its blocks back (a reservation is taken anew)."""
+        for b in seq.blocks:
+            if b is not None:
                 self.pool.decref(b)
-            elif self.pool.block_hashes[b] is not None:
-                self.pool.unregister(b)
-        while len(seq.blocks) <= last:
-            seq.blocks.append(self.pool.allocate())
-        self.pool.write(layer, self._slots(seq, old, new), key, value)
-        seq.lengths[layer] = new
+        seq.blocks, seq.lengths, seq.dropped = [], [0] * self.config.num_layers, 0
+        if not self.config.use_memory_pool:
+            self._ensure_free(self.config.blocks_per_max_sequence, protect=(sid,))
+            seq.blocks = [self.pool.allocate() for _ in range(self.config.blocks_per_max_sequence)]
+
+    def _write(self, sid, seq: SequenceState, layer: int, start: int, key: Tensor, value: Tensor) -> None:
+        """Write ``key``/``value`` ``(T, H, D)`` as tokens ``start..start+T-1`` of ``layer``; the layer
+        then ends there.  Makes room first, so a full pool raises before anything changes."""
+        T, bs = key.shape[0], self.config.block_size
+        end = start + T
+        self._check_max_length(sid, layer, start, T)
+        if T:
+            first, last = start // bs, (end - 1) // bs
+            self._ensure_free(lambda: self._blocks_needed(seq, start, T), protect=(sid,))
+            for i in range(first, min(last + 1, len(seq.blocks))):
+                b = seq.blocks[i]  # shared blocks are copied before the write; indexed ones leave the index
+                if self.pool.ref_counts[b] > 1:
+                    seq.blocks[i] = self.pool.copy_block(b)
+                    self.pool.decref(b)
+                elif self.pool.block_hashes[b] is not None:
+                    self.pool.unregister(b)
+            while len(seq.blocks) <= last:
+                seq.blocks.append(self.pool.allocate())
+            self.pool.write(layer, self._slots(seq, start, end), key, value)
+        seq.lengths[layer] = end
         self._register(seq)
         self._tick(seq)
 
-    def _check_max_length(self, sid, seq: SequenceState, layer: int, T: int) -> None:
-        old = seq.lengths[layer]
-        if old + T > self.config.max_sequence_length:
+    def _check_max_length(self, sid, layer: int, start: int, T: int) -> None:
+        if start + T > self.config.max_sequence_length:
             raise CacheCapacityError(
-                f"sequence_id={sid!r} layer {layer}: length {old} + {T} new tokens = {old + T} exceeds "
+                f"sequence_id={sid!r} layer {layer}: length {start} + {T} new tokens = {start + T} exceeds "
                 f"max_sequence_length={self.config.max_sequence_length}")
 
-    def _blocks_needed(self, seq: SequenceState, layer: int, T: int) -> int:
-        """Blocks a write of ``T`` tokens takes from the pool: new blocks + copies on write."""
+    def _blocks_needed(self, seq: SequenceState, start: int, T: int) -> int:
+        """Blocks writing ``T`` tokens from ``start`` takes from the pool: new blocks + copies on write."""
         if T == 0:
             return 0
-        old, bs = seq.lengths[layer], self.config.block_size
-        first, last = old // bs, (old + T - 1) // bs
+        bs = self.config.block_size
+        first, last = start // bs, (start + T - 1) // bs
         shared = sum(self.pool.ref_counts[seq.blocks[i]] > 1 for i in range(first, min(last + 1, len(seq.blocks))))
         return max(0, last + 1 - len(seq.blocks)) + shared
 
@@ -353,7 +486,7 @@ class AdvancedKVCache(EvictionMixin):
         return slots[start - b0 * bs:end - b0 * bs]
 
     def _register(self, seq: SequenceState) -> None:
-        if self.config.enable_prefix_caching and self.config.use_memory_pool:
+        if self.config.enable_prefix_caching and self.config.use_memory_pool and seq.indexable:
             register_full_blocks(self.pool, seq, self.config.block_size)
 
     # ------------------------------------------------------------------ reads
@@ -361,17 +494,22 @@ class AdvancedKVCache(EvictionMixin):
         """The stored ``(keys, values)`` of ``sequence_id`` in ``layer_id``, or ``None`` (a miss).
 
         ``seq_len=None``: every token still held (after sliding-window trimming, the newest
-        ones).  ``seq_len=n``: tokens ``0..n-1``, a hit only if all of them are held.  Shapes
-        ``(L, num_kv_heads, head_dim)`` or flat ``(L, num_kv_heads * head_dim)`` as written; a
-        new tensor (one gather).  Unknown, cleared and evicted ids all read as misses.
+        ones).  ``seq_len=n``: *at most* the first ``n`` tokens -- tokens ``0..min(n, L)-1`` of
+        the ``L`` stored (after :meth:`set_cache` stored ``n`` tokens, exactly those; a caller
+        that asks for more than is stored gets what there is and computes the rest).  A miss
+        if the layer holds no token, or (with ``seq_len``) if the sliding window dropped its
+        first tokens.  Shapes ``(L, num_kv_heads, head_dim)`` or flat ``(L, num_kv_heads *
+        head_dim)`` as written; a new tensor (one gather).  Unknown, cleared and evicted ids all
+        read as misses.
         """
         self._check_layer(layer_id)
         if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
             raise ValueError(f"seq_len must be None or a positive int, got {seq_len!r}")
         seq = self._seqs.get(sequence_id)
         start = seq.dropped * self.config.block_size if seq is not None else 0
-        end = (seq.lengths[layer_id] if seq_len is None else seq_len) if seq is not None else 0
-        if seq is None or end <= start or end > seq.lengths[layer_id] or (seq_len is not None and start > 0):
+        end = (seq.lengths[layer_id] if seq_len is None else min(seq_len, seq.lengths[layer_id])) \
+            if seq is not None else 0
+        if seq is None or end <= start or (seq_len is not None and start > 0):
             self.counters.lookup(layer_id, hit=False)
             return None
         self.counters.lookup(layer_id, hit=True)
@@ -390,7 +528,9 @@ class AdvancedKVCache(EvictionMixin):
         Rows must end up with the same length ``L`` in this layer and hold all their tokens
         (the batch is a rectangle; left padding is stored as ordinary, masked tokens).  Each
         row counts as a hit if it held tokens before the call, else as a miss (a cold prefill).
-        Unknown ids are added.  Cost: ``B`` writes of ``T`` tokens + one gather of ``B * L``.
+        Unknown ids are added; an id the pool evicted raises :class:`EvictedSequenceError`
+        before any row is written (see :meth:`append_cache`).
+        Cost: ``B`` writes of ``T`` tokens + one gather of ``B * L``.
         """
         self._check_layer(layer_id)
         key, value, _ = check_kv_write(self.config, self.device, key, value, batched=True)
@@ -398,6 +538,8 @@ class AdvancedKVCache(EvictionMixin):
             raise ValueError(f"{len(sequence_ids)} sequence_ids for a batch of {key.shape[0]} rows")
         if len(set(sequence_ids)) != len(sequence_ids):
             raise ValueError(f"sequence_ids {list(sequence_ids)} repeat an id; fork_sequence to get distinct rows")
+        for sid in sequence_ids:
+            self._check_continuable(sid)
         pinned = []
         try:  # pin the rows so that making room for one row never evicts another
             for sid in sequence_ids:
@@ -405,16 +547,16 @@ class AdvancedKVCache(EvictionMixin):
                     self.add_sequence(sid)
                 self.pin(sid)
                 pinned.append(sid)
-                self._check_max_length(sid, self._seqs[sid], layer_id, key.shape[1])
+                self._check_max_length(sid, layer_id, self._seqs[sid].lengths[layer_id], key.shape[1])
             # Make room for every row first, so that a full pool fails before any row is written.
-            self._ensure_free(sum(self._blocks_needed(self._seqs[sid], layer_id, key.shape[1])
-                                  for sid in sequence_ids), protect=())
+            self._ensure_free(lambda: sum(self._blocks_needed(self._seqs[sid], self._seqs[sid].lengths[layer_id],
+                                                              key.shape[1]) for sid in sequence_ids), protect=())
             for i, sid in enumerate(sequence_ids):
                 seq = self._seqs[sid]
                 warm = seq.lengths[layer_id] > 0
                 self.counters.lookup(layer_id, hit=warm)
                 seq.hits += warm
-                self._append(sid, seq, layer_id, key[i], value[i])
+                self._write(sid, seq, layer_id, seq.lengths[layer_id], key[i], value[i])
         finally:
             for sid in pinned:
                 self.unpin(sid)

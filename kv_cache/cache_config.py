@@ -41,6 +41,9 @@ class EvictionPolicy(str, enum.Enum):
         is more than ``sliding_window_size`` tokens behind the sequence's end (the newest
         ``sliding_window_size`` tokens always stay).  Least recently used sequences are trimmed
         first.  If no block lies outside a window, falls back to LRU whole-sequence eviction.
+        Without a ``sliding_window_size`` the window is ``max_sequence_length``: no sequence can
+        outgrow it, so nothing is trimmed and the policy behaves as ``LRU`` (no sequence ever
+        loses its first tokens unless you ask for a smaller window).
     ``ADAPTIVE``
         Free whole sequences chosen from how each one is *used*: the score is
         ``read hits of the sequence / blocks it holds`` -- the value it returned per byte it
@@ -75,8 +78,10 @@ class CacheConfig:
         num_heads: query heads of the model.
         num_layers: attention layers; ``layer_id`` runs over ``0..num_layers-1``.
         eviction_policy: an :class:`EvictionPolicy` (or its string value).
-        sliding_window_size: tokens kept per sequence by ``SLIDING_WINDOW`` (required there,
-            unused by the other policies).
+        sliding_window_size: tokens kept per sequence by ``SLIDING_WINDOW`` (unused by the other
+            policies).  ``None`` (default) means ``max_sequence_length``
+            (:attr:`window_tokens`): a window no sequence can outgrow, so ``SLIDING_WINDOW``
+            without a size trims nothing and evicts whole least recently used sequences.
         memory_limit_mb: hard budget of the KV storage in MiB; the pool never allocates more.
         preallocate_memory: allocate the whole budget at construction (no growth, fixed
             addresses, and the budget holds at every instant) instead of growing the storage
@@ -94,6 +99,12 @@ class CacheConfig:
         enable_prefix_caching: remember full blocks by a hash of their token ids so a later
             request with the same prefix reuses them (only with ``use_memory_pool=True``: a
             per-sequence reservation shares nothing).
+        max_remembered_ids: how many ids of sequences that are gone (cleared or *evicted*) the
+            manager remembers, oldest forgotten first.  Remembering an evicted id is what lets
+            the manager refuse to *continue* it (an append would otherwise restart it empty and
+            the model would decode without its context).  Cost: one dictionary entry per id
+            (~100-200 bytes), so the default 16384 bounds it to a few MiB of host memory.  An
+            id evicted more than ``max_remembered_ids`` departures ago reads as never seen.
 
     Everything is validated on construction; the errors name the field, the value and what
     was expected.  Example (the numbers of the reference guide's mobile preset)::
@@ -119,6 +130,7 @@ class CacheConfig:
     dtype: torch.dtype = torch.float32
     device: Union[str, torch.device] = "cpu"
     enable_prefix_caching: bool = True
+    max_remembered_ids: int = 16384
 
     def __post_init__(self):
         if self.num_kv_heads is None and isinstance(self.num_heads, int):
@@ -134,7 +146,7 @@ class CacheConfig:
     def validate(self) -> None:
         """Raise ``ValueError``/``TypeError`` naming the first field that cannot work."""
         for name in ("max_batch_size", "max_sequence_length", "embed_dim", "num_heads", "num_layers",
-                     "block_size", "num_kv_heads", "head_dim"):
+                     "block_size", "num_kv_heads", "head_dim", "max_remembered_ids"):
             _pos_int(name, getattr(self, name))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"CacheConfig.num_heads={self.num_heads} must be a multiple of num_kv_heads="
@@ -146,9 +158,6 @@ class CacheConfig:
                              f"{[p.value for p in EvictionPolicy]}") from None
         if self.sliding_window_size is not None:
             _pos_int("sliding_window_size", self.sliding_window_size)
-        if self.eviction_policy is EvictionPolicy.SLIDING_WINDOW and self.sliding_window_size is None:
-            raise ValueError("CacheConfig.sliding_window_size is None, but eviction_policy=SLIDING_WINDOW needs it "
-                             "(a positive number of tokens to keep per sequence)")
         if isinstance(self.memory_limit_mb, bool) or not isinstance(self.memory_limit_mb, (int, float)) \
                 or not math.isfinite(self.memory_limit_mb) or self.memory_limit_mb <= 0:
             raise ValueError(f"CacheConfig.memory_limit_mb must be a positive number of MiB, "
@@ -174,6 +183,12 @@ class CacheConfig:
                 f"({self.blocks_per_max_sequence} blocks) per sequence: not even one sequence fits")
 
     # ------------------------------------------------------------------ derived sizes
+    @property
+    def window_tokens(self) -> int:
+        """Tokens ``SLIDING_WINDOW`` keeps per sequence: ``sliding_window_size``, or
+        ``max_sequence_length`` when it is ``None`` (a window nothing outgrows: no trimming)."""
+        return self.max_sequence_length if self.sliding_window_size is None else self.sliding_window_size
+
     @property
     def bytes_per_token(self) -> int:
         """Keys + values of one token over all layers: ``2 * layers * kv_heads * head_dim * itemsize``."""

@@ -15,7 +15,7 @@ number of sequences within ``max_batch_size``.
 
 from __future__ import annotations
 
-from typing import Dict, Hashable, Iterable, Optional, Tuple
+from typing import Callable, Dict, Hashable, Iterable, Optional, Tuple, Union
 
 from .cache_config import EvictionPolicy
 from .paged import PoolExhaustedError, SequenceState
@@ -64,19 +64,20 @@ class EvictionMixin:
         policy = EvictionPolicy(self.config.eviction_policy)
         if policy is EvictionPolicy.SLIDING_WINDOW:
             w = self.config.sliding_window_size
-            if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-                raise ValueError(f"config.sliding_window_size={w!r}: SLIDING_WINDOW needs a positive int")
+            if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+                raise ValueError(f"config.sliding_window_size={w!r}: SLIDING_WINDOW needs a positive int (or None "
+                                 f"for max_sequence_length)")
         return policy
 
     def _evict(self, sid) -> None:
         blocks = self._seqs[sid].blocks_held
-        self._free_sequence(sid)
+        self._free_sequence(sid, evicted=True)  # remembered: continuing it must fail, not restart it empty
         self.counters.sequences_evicted += 1
         self.eviction_log.append(("sequence", sid, blocks))
 
     def _trim_one(self) -> bool:
         """Sliding window: drop the out-of-window blocks of one sequence; False if none has any."""
-        choice = choose_window_trim(self._seqs, self.config.sliding_window_size, self.config.block_size)
+        choice = choose_window_trim(self._seqs, self.config.window_tokens, self.config.block_size)
         if choice is None:
             return False
         sid, stop = choice
@@ -89,17 +90,23 @@ class EvictionMixin:
         seq.dropped = stop
         return True
 
-    def _ensure_free(self, n: int, protect: Iterable) -> None:
-        """Evict per the policy until ``n`` blocks are free, or raise :class:`PoolExhaustedError`."""
-        while self.pool.num_free < n:
+    def _ensure_free(self, n: Union[int, Callable[[], int]], protect: Iterable) -> None:
+        """Evict per the policy until ``n`` blocks are free, or raise :class:`PoolExhaustedError`.
+
+        ``n`` may be a function, asked again after every eviction: evicting the other owners of
+        a shared block makes its copy on write unnecessary, so the need can shrink.
+        """
+        need = n if callable(n) else (lambda: n)
+        while self.pool.num_free < need():
+            count = need()
             policy = self._policy()
             if policy is EvictionPolicy.NONE:
-                self._raise_full(n, "eviction_policy=NONE never evicts")
+                self._raise_full(count, "eviction_policy=NONE never evicts")
             if policy is EvictionPolicy.SLIDING_WINDOW and self._trim_one():
                 continue
             victim = choose_victim(policy, self._seqs, protect)
             if victim is None:
-                self._raise_full(n, "every other sequence is pinned by an active view or is the one being written")
+                self._raise_full(count, "every other sequence is pinned by an active view or is the one being written")
             self._evict(victim)
 
     def _raise_full(self, n: int, why: str):

@@ -61,7 +61,9 @@ class SequenceState:
     ``dropped`` entries are those); ``lengths`` the tokens written per layer; ``token_ids`` the
     tokens known so far and ``hashes`` the chained hashes of its full blocks (prefix caching);
     ``last_use`` / ``hits`` feed the eviction policies; ``pins`` > 0 protects it from eviction;
-    ``flat`` records whether it was written as ``(T, H*D)`` tensors.
+    ``flat`` records whether it was written as ``(T, H*D)`` tensors; ``indexable`` turns False
+    once ``set_cache`` stored keys/values the manager cannot tie to ``token_ids`` (its blocks
+    are then never entered in the prefix index).
     """
 
     blocks: List[Optional[int]]
@@ -73,6 +75,7 @@ class SequenceState:
     flat: Optional[bool] = None
     pins: int = 0
     dropped: int = 0
+    indexable: bool = True
 
     @property
     def length(self) -> int:

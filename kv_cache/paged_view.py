@@ -41,6 +41,10 @@ class PagedCacheView(Cache):
         manager: the pool.
         sequence_ids: one id per batch row; ids not held yet are added (empty), held ones are
             used as they are (e.g. after ``add_sequence(id, token_ids)`` found a cached prefix).
+            An id the pool *evicted* raises :class:`~kv_cache.advanced.EvictedSequenceError`:
+            the view would continue it from an empty cache and the model would decode without
+            its context.  Re-prefill it deliberately (``manager.clear_sequence(id)`` or
+            ``manager.add_sequence(id, ...)``, then feed the whole sequence).
         layout: ``"bhsd"`` (default) or ``"bshd"``, as for every cache.
 
     Cost per ``update``: ``B`` block-table writes of the new tokens plus one gather of ``B * L``
@@ -60,6 +64,9 @@ class PagedCacheView(Cache):
             raise ValueError("sequence_ids must name at least one sequence (one per batch row)")
         if len(set(ids)) != len(ids):
             raise ValueError(f"sequence_ids {ids} repeat an id; each batch row needs its own sequence")
+        for sid in ids:  # refuse every evicted row before touching any
+            if manager.was_evicted(sid):
+                raise manager._evicted_error(sid)
         for sid in ids:
             if sid not in manager:
                 manager.add_sequence(sid)
@@ -116,7 +123,7 @@ class PagedCacheView(Cache):
             (pos.dim() == 2 and pos.shape[1] == seq and bool((pos == want).all()))
         if not ok:
             raise ValueError(f"cache_position={pos.tolist()} does not append at {past}..{past + seq - 1}; "
-                             f"a PagedCacheView only appends (use crop() to roll back first)")
+                             f"a PagedCacheView only appends (use rollback() first)")
 
     def get(self, layer_idx: int):
         """All rows' ``(keys, values)`` of ``layer_idx`` in the view's layout, or ``None`` if empty."""
@@ -174,6 +181,25 @@ class PagedCacheView(Cache):
         self.batch_select_indices([i for i in range(len(self._ids)) for _ in range(repeats)])
 
     def crop(self, max_length: int) -> None:
+        """Refused unless it is a no-op: a view serves complete sequences (slot = position from 0),
+        so it cannot keep only "the ``max_length`` most recent tokens".
+
+        ``crop(n)`` with ``n`` >= the tokens held changes nothing; a smaller ``n`` raises
+        ``ValueError`` naming what to use instead: ``rollback`` to undo the newest tokens, or the
+        manager's sliding window (``CacheConfig``) to bound a sequence's memory.
+        """
+        self._check_open()
+        keep = self._crop_count(max_length)
+        for layer_idx in range(self.manager.config.num_layers):
+            n = self.get_seq_length(layer_idx)
+            if n > keep:
+                raise ValueError(
+                    f"crop({max_length}): layer {layer_idx} of this PagedCacheView holds {n} tokens per row, and a view "
+                    f"serves complete sequences only, so it cannot keep just the {max_length} most recent; expected "
+                    f"max_length >= {n}. Use rollback({max_length}) to keep the first {max_length} tokens, or the "
+                    f"AdvancedKVCache's sliding window to bound memory")
+
+    def rollback(self, max_length: int) -> None:
         """Keep the first ``max_length`` tokens of every row (negative: drop from the end)."""
         self._check_open()
         for sid in self._ids:
@@ -181,7 +207,7 @@ class PagedCacheView(Cache):
 
     def reset(self) -> None:
         """Forget every token of every row (the sequences stay, empty and pinned)."""
-        self.crop(0)
+        self.rollback(0)
 
     def memory_bytes(self) -> int:
         """Bytes of the blocks this view's rows hold (a block shared by two rows counted once)."""

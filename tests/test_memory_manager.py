@@ -10,8 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kv_cache import (
-    AdvancedKVCache, CacheCapacityError, CacheConfig, CachedAttentionMixin, CachePerformanceMonitor, EvictionPolicy,
-    PoolExhaustedError, UnknownSequenceError, create_cache_config_for_speculative_decoding,
+    AdvancedKVCache, CacheCapacityError, CacheConfig, CachedAttentionMixin, CachePerformanceMonitor,
+    EvictedSequenceError, EvictionPolicy, PoolExhaustedError, UnknownSequenceError,
+    create_cache_config_for_speculative_decoding,
 )
 
 H, D, BS = 2, 4, 4  # kv heads, head dim, block size of the small configs below
@@ -33,8 +34,9 @@ def kv(n, fill):
 
 
 def write(cache, sid, n, fill=0.0, layers=(0, 1)):
+    """Append ``n`` tokens to each of ``layers`` of ``sid``."""
     for l in layers:
-        cache.set_cache(l, sid, *kv(n, fill))
+        cache.append_cache(l, sid, *kv(n, fill))
 
 
 # ---------------------------------------------------------------------------------- config
@@ -59,7 +61,7 @@ def test_config_derives_sizes_and_accepts_the_reference_presets():
     (dict(embed_dim=10, num_heads=4), "embed_dim=10 must be divisible by num_heads=4"),
     (dict(num_kv_heads=3), "num_heads=4 must be a multiple of num_kv_heads=3"),
     (dict(eviction_policy="fifo"), "eviction_policy='fifo' is not known"),
-    (dict(eviction_policy="sliding_window"), "sliding_window_size is None"),
+    (dict(max_remembered_ids=0), "max_remembered_ids must be a positive int, got 0"),
     (dict(sliding_window_size=0), "sliding_window_size must be a positive int, got 0"),
     (dict(memory_limit_mb=-1), "memory_limit_mb must be a positive number of MiB, got -1"),
     (dict(memory_limit_mb=1e-6), "smaller than one block"),
@@ -73,6 +75,24 @@ def test_invalid_configs_name_the_field_the_value_and_the_expectation(change, ma
     base.update(change)
     with pytest.raises((ValueError, TypeError), match=match.replace("(", r"\(").replace(")", r"\)")):
         CacheConfig(**base)
+
+
+def test_sliding_window_without_a_size_keeps_max_sequence_length_tokens_so_trims_nothing():
+    """The reference guide builds ``SLIDING_WINDOW`` configs without ``sliding_window_size``:
+    the window is then ``max_sequence_length``, which no sequence can outgrow, so a full pool
+    evicts whole least recently used sequences and no sequence loses its first tokens."""
+    cfg = CacheConfig(max_batch_size=2, max_sequence_length=64, embed_dim=16, num_heads=4, num_layers=1,
+                      eviction_policy=EvictionPolicy.SLIDING_WINDOW, memory_limit_mb=1)
+    assert cfg.sliding_window_size is None and cfg.window_tokens == 64
+    cfg.sliding_window_size = 8
+    assert cfg.window_tokens == 8
+    cache = make("sliding_window", blocks=4)
+    write(cache, "a", 12)
+    write(cache, "b", 4)
+    cache.get_cache(0, "a")  # "b" is now the least recently used
+    write(cache, "a", 4)  # needs a 5th block: nothing is outside a 64-token window, so "b" goes
+    assert cache.sequence_ids == ["a"] and cache.sequence_info("a")["start"] == 0
+    assert torch.equal(cache.get_cache(0, "a", 16)[0], torch.cat([kv(12, 0)[0], kv(4, 0)[0]]))
 
 
 def test_speculative_decoding_configs():
@@ -91,20 +111,84 @@ def test_speculative_decoding_configs():
 
 
 # ---------------------------------------------------------------------------------- basic API
-def test_set_appends_and_get_returns_exactly_what_was_stored():
+def test_append_cache_appends_and_get_returns_at_most_seq_len_of_what_was_stored():
     cache = make()
     write(cache, "a", 3, fill=10)
-    cache.set_cache(0, "a", *kv(4, 20))
+    assert cache.append_cache(0, "a", *kv(4, 20)) == 7
     k, v = cache.get_cache(0, "a")
     want_k = torch.cat([kv(3, 10)[0], kv(4, 20)[0]])
     assert torch.equal(k, want_k) and torch.equal(v, -want_k)
     assert torch.equal(cache.get_cache(0, "a", 2)[0], want_k[:2])
-    assert cache.get_cache(0, "a", 8) is None  # longer than stored: a miss
+    assert torch.equal(cache.get_cache(0, "a", 8)[0], want_k)  # longer than stored: at most seq_len tokens
+    assert cache.get_cache(0, "nobody", 8) is None
     assert cache.sequence_length("a", 0) == 7 and cache.sequence_length("a", 1) == 3
     assert cache.block_table("a")[:2] == [0, 1]
+    with pytest.raises(ValueError, match="seq_len must be None or a positive int, got 0"):
+        cache.get_cache(0, "a", 0)
+
+
+def test_set_cache_replaces_the_layers_keys_and_values_with_exactly_what_it_is_given():
+    """The reference guide's contract: its attention stores a sequence's *whole* K/V at every
+    step, so ``set_cache`` replaces (a second call with 5 tokens leaves 5 tokens, not 8)."""
+    cache = make(blocks=16)
+    assert cache.set_cache(0, "a", *kv(3, 10)) == 3
+    assert cache.set_cache(0, "a", *kv(5, 20)) == 5
+    k, v = cache.get_cache(0, "a", 5)
+    assert torch.equal(k, kv(5, 20)[0]) and torch.equal(v, kv(5, 20)[1])
+    assert cache.sequence_length("a", 0) == 5 and cache.sequence_length("a", 1) == 0  # other layers untouched
     flat = make()
     flat.set_cache(0, "f", torch.ones(5, H * D), torch.zeros(5, H * D))  # (T, embed_dim) as in the reference guide
     assert flat.get_cache(0, "f")[0].shape == (5, H * D)
+    with pytest.raises(CacheCapacityError, match=r"length 0 \+ 65 new tokens = 65 exceeds max_sequence_length=64"):
+        cache.set_cache(0, "b", *kv(65, 0))
+    assert "b" not in cache  # refused before anything was added
+
+
+def test_set_cache_reuses_the_sequences_blocks_and_returns_the_ones_no_layer_needs():
+    cache = make(blocks=8)
+    for layer in (0, 1):
+        cache.set_cache(layer, "a", *kv(16, 0))  # 4 blocks, shared by both layers
+    table = cache.block_table("a")
+    for _ in range(20):  # storing the whole K/V again and again must not take new blocks
+        for layer in (0, 1):
+            cache.set_cache(layer, "a", *kv(16, 1))
+    assert cache.block_table("a") == table and cache.pool.num_used == 4
+    cache.set_cache(0, "a", *kv(5, 2))  # layer 1 still holds 16 tokens: every block stays
+    assert cache.block_table("a") == table
+    cache.set_cache(1, "a", *kv(6, 3))  # now no layer needs tokens 8..15: 2 blocks go back
+    assert cache.block_table("a") == table[:2] and cache.pool.num_used == 2
+    assert torch.equal(cache.get_cache(0, "a")[0], kv(5, 2)[0]) and torch.equal(cache.get_cache(1, "a")[0], kv(6, 3)[0])
+    cache.check_invariants()
+    cache.fork_sequence("a", "b")  # a shared block is copied before it is replaced
+    cache.set_cache(0, "b", *kv(3, 9))
+    assert cache.block_table("b")[0] != cache.block_table("a")[0]
+    assert torch.equal(cache.get_cache(0, "a")[0], kv(5, 2)[0]) and torch.equal(cache.get_cache(0, "b")[0], kv(3, 9)[0])
+    cache.check_invariants()
+
+
+def test_set_cache_keys_are_never_offered_to_a_prefix_match():
+    """``set_cache`` cannot tell which tokens its keys belong to, so the sequence leaves the index."""
+    cache = make(blocks=16)
+    cache.add_sequence("a", list(range(8)))
+    write(cache, "a", 8)
+    assert cache.match_prefix(list(range(8))) == 8
+    cache.set_cache(0, "a", *kv(8, 50))  # other keys over the same positions
+    assert cache.match_prefix(list(range(8))) == 0
+    cache.append_token_ids("a", [8, 9, 10, 11])
+    write(cache, "a", 4)
+    assert cache.match_prefix(list(range(12))) == 0
+    cache.check_invariants()
+
+
+def test_set_cache_after_the_window_dropped_blocks_restarts_the_sequence():
+    cache = make("sliding_window", blocks=4, sliding_window_size=4)
+    write(cache, "a", 16)
+    write(cache, "a", 1)  # the window drops the first blocks
+    assert cache.sequence_info("a")["start"] > 0
+    cache.set_cache(0, "a", *kv(6, 7))  # the whole K/V from token 0: the other layer is emptied
+    assert cache.sequence_info("a")["start"] == 0 and cache.sequence_length("a", 1) == 0
+    assert torch.equal(cache.get_cache(0, "a", 6)[0], kv(6, 7)[0]) and cache.get_cache(1, "a") is None
+    cache.check_invariants()
 
 
 def test_misses_for_unknown_cleared_and_evicted_ids_and_errors_for_never_seen_ones():
@@ -115,7 +199,7 @@ def test_misses_for_unknown_cleared_and_evicted_ids_and_errors_for_never_seen_on
     assert cache.clear_sequence("a") is False
     with pytest.raises(UnknownSequenceError, match="sequence_id='ghost' is not held by this cache .it was never added"):
         cache.clear_sequence("ghost")
-    with pytest.raises(UnknownSequenceError, match="cleared or evicted"):
+    with pytest.raises(UnknownSequenceError, match="sequence_id='a' is not held by this cache .it was cleared"):
         cache.fork_sequence("a", "b")
     with pytest.raises(KeyError):
         cache.sequence_length("ghost")
@@ -126,9 +210,11 @@ def test_misses_for_unknown_cleared_and_evicted_ids_and_errors_for_never_seen_on
     with pytest.raises(ValueError, match="dtype torch.float16, expected the cache's dtype torch.float32"):
         cache.set_cache(0, "a", torch.zeros(3, H, D, dtype=torch.float16), torch.zeros(3, H, D, dtype=torch.float16))
     with pytest.raises(CacheCapacityError, match="exceeds max_sequence_length=64"):
-        cache.set_cache(0, "long", *kv(65, 0))
+        cache.append_cache(0, "long", *kv(65, 0))
+    assert "long" not in cache  # refused before the id was added
+    write(cache, "b", 1)
     with pytest.raises(ValueError, match="already exists"):
-        cache.add_sequence("long")
+        cache.add_sequence("b")
 
 
 def test_clear_all_and_blocks_are_reused_after_a_clear():
@@ -159,7 +245,7 @@ def test_none_policy_raises_and_changes_nothing():
     cache = make("none", blocks=4)
     write(cache, "a", 16)
     with pytest.raises(PoolExhaustedError, match="needs 1 free block.* eviction_policy=NONE never evicts"):
-        cache.set_cache(0, "b", *kv(1, 0))
+        cache.append_cache(0, "b", *kv(1, 0))
     assert cache.sequence_length("a") == 16 and cache.sequence_length("b") == 0 and cache.pool.num_used == 4
 
 
@@ -236,9 +322,12 @@ def test_the_policy_can_be_changed_on_a_live_cache_as_the_reference_guide_does()
     cache.config.eviction_policy = EvictionPolicy.LRU  # takes effect at the next decision
     write(cache, "b", 1)
     assert cache.sequence_ids == ["b"] and cache.get_global_stats()["eviction_policy"] == "lru"
-    cache.config.eviction_policy = "sliding_window"  # without a window size: a clear error
-    with pytest.raises(ValueError, match="sliding_window_size=None: SLIDING_WINDOW needs a positive int"):
-        write(cache, "c", 8)
+    cache.config.eviction_policy = "sliding_window"  # without a size: a max_sequence_length window
+    write(cache, "c", 8)
+    assert cache.sequence_ids == ["c"]  # nothing outside the window: whole sequences go, as under LRU
+    cache.config.sliding_window_size = 0  # an impossible window: a clear error at the next decision
+    with pytest.raises(ValueError, match="sliding_window_size=0: SLIDING_WINDOW needs a positive int"):
+        write(cache, "d", 8)
 
 
 # ---------------------------------------------------------------------------------- sharing
@@ -456,3 +545,86 @@ def test_mixin_batched_rows_and_no_cache_passthrough():
     assert out.shape == (2, 4, H, D) and torch.equal(out[:, :3], k) and torch.equal(out[:, 3:], k[:, :1])
     with pytest.raises(TypeError, match="cache must be an AdvancedKVCache or None"):
         layer.set_cache({})
+
+
+# ---------------------------------------------------------------------------------- evicted ids
+def test_appending_to_an_evicted_sequence_raises_instead_of_restarting_it_empty():
+    """Issue #14: an append to an id the pool evicted used to re-add it as a new, empty
+    sequence, and the caller went on without its context.  Now it is an error naming the id;
+    a read stays a miss; and each deliberate restart is allowed."""
+    cache = make("lru", blocks=4)
+    write(cache, "a", 8)
+    write(cache, "b", 8)
+    write(cache, "c", 4)  # the pool is full: "a" (least recently used) is evicted
+    assert "a" not in cache and cache.was_evicted("a") and not cache.was_evicted("b")
+    assert cache.get_cache(0, "a") is None and cache.get_cache(0, "a", 4) is None  # a read is a miss
+    with pytest.raises(EvictedSequenceError, match=r"sequence_id='a' was evicted .*Re-prefill it"):
+        cache.append_cache(0, "a", *kv(1, 0))
+    with pytest.raises(EvictedSequenceError, match="sequence_id='a' was evicted"):
+        cache.append_and_gather(0, ["c", "a"], *(torch.stack([t, t]) for t in kv(1, 0)))
+    assert cache.sequence_length("c", 0) == 4  # the batch failed before any row was written
+    with pytest.raises(EvictedSequenceError):
+        cache.append_token_ids("a", [1])
+    with pytest.raises(UnknownSequenceError):  # still a KeyError for callers that catch that
+        cache.crop_sequence("a", 0)
+    assert "a" not in cache  # nothing re-added it
+
+    cache.set_cache(0, "a", *kv(3, 5))  # storing the whole K/V is a deliberate restart
+    assert not cache.was_evicted("a") and torch.equal(cache.get_cache(0, "a")[0], kv(3, 5)[0])
+    write(cache, "x", 16)  # evicts everything else, "a" included
+    assert cache.was_evicted("a")
+    assert cache.clear_sequence("a") is False and not cache.was_evicted("a")  # acknowledged: reusable
+    write(cache, "a", 2)
+    assert cache.sequence_length("a", 0) == 2
+    write(cache, "y", 16)
+    assert cache.was_evicted("a")
+    assert cache.add_sequence("a") == 0 and not cache.was_evicted("a")  # add_sequence restarts it too
+    cache.check_invariants()
+
+
+def test_the_memory_of_evicted_ids_is_bounded():
+    cache = make("lru", blocks=2, max_batch_size=1, max_remembered_ids=3)
+    for i in range(6):
+        write(cache, i, 1)  # max_batch_size=1: each new sequence evicts the previous one
+    assert [cache.was_evicted(i) for i in range(6)] == [False, False, True, True, True, False]
+    assert len(cache._gone) == 3
+    write(cache, 0, 1)  # forgotten: reads as never seen (documented), so it may start anew
+    with pytest.raises(EvictedSequenceError):
+        write(cache, 3, 1)
+    cache.clear_all()  # a deliberate reset: every id becomes reusable
+    write(cache, 3, 1)
+    assert cache.sequence_length(3) == 1
+
+
+def test_mixin_refuses_to_continue_an_evicted_sequence():
+    torch.manual_seed(0)
+    layer = TinyCachedAttention(0)
+    cache = make("lru", blocks=2)
+    layer.set_cache(cache)
+    with torch.no_grad():
+        layer(torch.randn(6, H * D), "a")
+        layer(torch.randn(4, H * D), "b")  # needs a block: "a" is evicted
+        with pytest.raises(EvictedSequenceError, match="sequence_id='a' was evicted"):
+            layer(torch.randn(1, H * D), "a")
+
+
+def test_mixin_whole_kv_style_stores_and_returns_what_it_was_given():
+    """``_cache_kv`` stores a sequence's whole K/V (replacing), ``_get_cached_kv`` returns at most
+    ``seq_len`` tokens as ``(1, n, embed_dim)``, or ``None`` on a miss / without a cache."""
+    layer = TinyCachedAttention(0)
+    k = torch.randn(1, 5, H * D)
+    assert layer._get_cached_kv(0, 5) is None
+    layer._cache_kv(0, k, -k)  # no cache attached: nothing happens
+    cache = make(blocks=8)
+    layer.set_cache(cache, "s")
+    assert layer._get_cached_kv(0, 5) is None
+    layer._cache_kv(0, k[:, :3], -k[:, :3])
+    layer._cache_kv(0, k, -k)  # replaces: 5 tokens, not 8
+    got_k, got_v = layer._get_cached_kv(0, 8)
+    assert got_k.shape == (1, 5, H * D) and torch.equal(got_k, k) and torch.equal(got_v, -k)
+    assert torch.equal(layer._get_cached_kv(0, 2)[0], k[:, :2]) and cache.sequence_length("s", 0) == 5
+    with pytest.raises(ValueError, match=r"key is \(2, 5, 8\), expected \(1, n, num_kv_heads \* head_dim\)"):
+        layer._cache_kv(0, k.expand(2, 5, H * D), k.expand(2, 5, H * D))
+    cache.append_cache(0, "t", torch.randn(4, H, D), torch.randn(4, H, D))  # 3-D writes come back flat too
+    layer.set_cache(cache, "t")
+    assert layer._get_cached_kv(0)[0].shape == (1, 4, H * D)

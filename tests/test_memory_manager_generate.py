@@ -10,7 +10,7 @@ import torch
 
 from helpers import left_pad, tiny_decoder
 from kv_cache import (
-    AdvancedKVCache, CacheConfig, DynamicKVCache, PagedCacheView, PoolExhaustedError,
+    AdvancedKVCache, CacheConfig, DynamicKVCache, EvictedSequenceError, PagedCacheView, PoolExhaustedError,
 )
 from transformer import generate
 
@@ -97,7 +97,7 @@ def test_view_implements_the_cache_api_with_forks():
     assert manager.get_global_stats()["memory_pool"]["cow_copies"] == 2
     view.batch_select_indices([3, 0])  # the two dropped rows are freed
     assert len(manager) == 2 and torch.equal(view.get(0)[0][:, :, 6:], _kv(4, 1, 50)[[3, 0]])
-    view.crop(-2)
+    view.rollback(-2)
     assert view.get_seq_length() == 5 and len(view) == 5
     with pytest.raises(ValueError, match="only appends"):
         view.update(_kv(2, 1, 0), _kv(2, 1, 0), 0, cache_position=torch.tensor(2))
@@ -117,7 +117,7 @@ def test_view_implements_the_cache_api_with_forks():
 def test_pinned_rows_are_never_evicted_and_a_full_pool_of_them_raises():
     manager = AdvancedKVCache(CacheConfig(max_batch_size=8, max_sequence_length=64, embed_dim=8, num_heads=2,
                                           num_layers=1, block_size=4, memory_limit_mb=6 * 4 * 2 * 8 * 4 / 2 ** 20))
-    manager.set_cache(0, "idle", torch.zeros(8, 2, 4), torch.zeros(8, 2, 4))  # 2 blocks, unpinned
+    manager.append_cache(0, "idle", torch.zeros(8, 2, 4), torch.zeros(8, 2, 4))  # 2 blocks, unpinned
     view = PagedCacheView(manager, ["p", "q"])
     view.update(_kv(2, 8, 0), _kv(2, 8, 0), 0)  # 4 blocks: the pool (6) is now full
     view.update(_kv(2, 1, 0), _kv(2, 1, 0), 0)  # needs 2 more: "idle" is evicted, not a pinned row
@@ -126,7 +126,7 @@ def test_pinned_rows_are_never_evicted_and_a_full_pool_of_them_raises():
         view.update(_kv(2, 4, 0), _kv(2, 4, 0), 0)
     assert manager.sequence_length("p") == manager.sequence_length("q") == 9  # nothing half-written
     view.close()
-    manager.set_cache(0, "new", torch.zeros(8, 2, 4), torch.zeros(8, 2, 4))  # unpinned rows can go now
+    manager.append_cache(0, "new", torch.zeros(8, 2, 4), torch.zeros(8, 2, 4))  # unpinned rows can go now
     assert "p" not in manager
 
 
@@ -134,15 +134,46 @@ def test_view_refuses_what_it_cannot_serve():
     manager = AdvancedKVCache(CacheConfig(max_batch_size=4, max_sequence_length=64, embed_dim=8, num_heads=2,
                                           num_layers=1, block_size=4, eviction_policy="sliding_window",
                                           sliding_window_size=4, memory_limit_mb=3 * 4 * 2 * 8 * 4 / 2 ** 20))
-    manager.set_cache(0, "long", torch.zeros(12, 2, 4), torch.zeros(12, 2, 4))
-    manager.set_cache(0, "long", torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))  # the window drops old blocks
+    manager.append_cache(0, "long", torch.zeros(12, 2, 4), torch.zeros(12, 2, 4))
+    manager.append_cache(0, "long", torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))  # the window drops old blocks
     with pytest.raises(ValueError, match="lost its first tokens to the sliding window"):
         PagedCacheView(manager, ["long"])
     with pytest.raises(ValueError, match="repeat an id"):
         PagedCacheView(manager, ["a", "a"])
     with pytest.raises(TypeError, match="manager must be an AdvancedKVCache"):
         PagedCacheView({}, ["a"])
-    manager.set_cache(0, "short", torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))
+    manager.append_cache(0, "short", torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))
     manager.add_sequence("empty")
     with pytest.raises(ValueError, match="different lengths"):
         PagedCacheView(manager, ["short", "empty"]).get_seq_length()
+
+
+def test_continuing_an_evicted_sequence_raises_instead_of_decoding_without_its_context():
+    """Issue #14 item 4.  A request decoded through a view, paused (view closed, so unpinned), then
+    evicted by another request.  Continuing it used to re-add it as a new, empty sequence: the
+    model decoded the next token at position 0 with no context (logits off by up to 4.8 here,
+    no error).  Now the view refuses the evicted id, naming it, and a deliberate re-prefill
+    gives the logits of the uncached model."""
+    model = tiny_decoder("mha", "learned")
+    c = model.config
+    block_bytes = 4 * 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4
+    manager = manager_for(model, blocks_mb=4 * block_bytes / 2 ** 20)  # 4 blocks of 4 tokens
+    a, b = prompts_of([8, 12], seed=3)
+    a_next = torch.cat([a, torch.tensor([7])])
+    with torch.no_grad():
+        with PagedCacheView(manager, ["a"]) as view:
+            model(a[None], cache=view)  # 2 blocks
+        with PagedCacheView(manager, ["b"]) as view:
+            model(b[None], cache=view)  # 3 blocks: "a" (paused, unpinned) is evicted
+        assert "a" not in manager and manager.was_evicted("a")
+        with pytest.raises(EvictedSequenceError, match="sequence_id='a' was evicted.*Re-prefill it"):
+            PagedCacheView(manager, ["a"])
+        with pytest.raises(EvictedSequenceError):
+            PagedCacheView(manager, ["b", "a"])  # refused before any row is added or pinned
+        assert "a" not in manager and not manager.sequence_info("b")["pinned"]
+        assert manager.clear_sequence("a") is False  # acknowledge the loss, then re-prefill it
+        with PagedCacheView(manager, ["a"]) as view:
+            got = model(a_next[None], cache=view)[0, -1]
+        ref = model(a_next[None])[0, -1]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    manager.check_invariants()

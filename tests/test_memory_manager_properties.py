@@ -2,15 +2,18 @@
 
 Each example draws a small config (policy, budget, block size, paged or reserved, preallocated
 or growing) and then ~30 random operations on up to 8 sequence ids: add (with a prompt, so
-prefixes are matched and shared), extend (one or all layers), read, fork, crop, clear,
-clear_all, optimize_memory.  Keys and values are a pure function of the token prefix (as in a
+prefixes are matched and shared), extend (``append_cache``, one or all layers), replace
+(``set_cache`` of a layer's whole keys/values), read, resume (append to an evicted id), fork,
+crop, clear, clear_all, optimize_memory.  Keys and values are a pure function of the token prefix (as in a
 real model), so a shared block holds the right data only if sharing is correct, and any write
 that leaked into another sequence's block (a broken copy on write) changes what it reads.
 
 After every operation:
 
 * the pool's storage is within ``memory_limit_mb`` and its book-keeping matches the block tables;
-* every read hit returns exactly the reference tokens, every predicted miss is a miss;
+* every read hit returns exactly the reference tokens (at most ``seq_len`` of them), every
+  predicted miss is a miss;
+* appending to an evicted id raises ``EvictedSequenceError`` (it is never restarted empty);
 * sequences that vanished without a clear were evicted, and the victims are the ones the
   policy picks (least recently used / lowest reads-per-block) among the unprotected ones;
 * sliding-window trimming dropped only whole blocks that were outside the window;
@@ -23,7 +26,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from kv_cache import (
-    AdvancedKVCache, CacheCapacityError, CacheConfig, PoolExhaustedError, UnknownSequenceError,
+    AdvancedKVCache, CacheCapacityError, CacheConfig, EvictedSequenceError, PoolExhaustedError, UnknownSequenceError,
 )
 
 H, D, LAYERS, MAX_LEN, IDS = 1, 4, 2, 24, range(8)
@@ -64,14 +67,15 @@ def configs(draw):
                        use_memory_pool=pooled)
 
 
-OPS = ["add"] * 2 + ["extend"] * 5 + ["read"] * 3 + ["fork", "crop", "clear", "clear_all", "optimize"]
+OPS = ["add"] * 2 + ["extend"] * 5 + ["read"] * 3 + ["replace", "resume", "fork", "crop", "clear", "clear_all",
+                                                   "optimize"]
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(cfg=configs(), data=st.data())
 def test_random_workload_matches_the_reference(cfg, data):
     cache = AdvancedKVCache(cfg)
-    refs, retired = {}, set()
+    refs, retired, evicted_ids = {}, set(), set()
     counts = dict(hits=0, misses=0, evicted=0, prefix_hit_tokens=0, prefix_queries=0)
     system_prompt = data.draw(st.lists(st.integers(0, 2), min_size=8, max_size=8), label="system prompt")
     tokens = st.lists(st.integers(0, 2), min_size=1, max_size=8)
@@ -101,6 +105,7 @@ def test_random_workload_matches_the_reference(cfg, data):
                     assert n == 0
                 refs[sid] = Ref(prompt, [n] * LAYERS)
                 retired.discard(sid)
+                evicted_ids.discard(sid)  # add_sequence is a deliberate restart
                 counts["prefix_hit_tokens"] += n
                 counts["prefix_queries"] += 1
 
@@ -112,7 +117,7 @@ def test_random_workload_matches_the_reference(cfg, data):
                 if ref.lengths[0] == len(ref.tokens):
                     k, v = content(ref.tokens + new, 0)
                     with pytest.raises(CacheCapacityError, match=f"exceeds max_sequence_length={MAX_LEN}"):
-                        cache.set_cache(0, sid, k[-len(new):], v[-len(new):])
+                        cache.append_cache(0, sid, k[-len(new):], v[-len(new):])
                 continue
             cache.append_token_ids(sid, new)
             ref.tokens += new
@@ -125,7 +130,7 @@ def test_random_workload_matches_the_reference(cfg, data):
                     continue
                 k, v = content(ref.tokens, layer)
                 try:
-                    cache.set_cache(layer, sid, k[lo:hi], v[lo:hi])
+                    cache.append_cache(layer, sid, k[lo:hi], v[lo:hi])
                 except PoolExhaustedError:
                     assert cache.sequence_length(sid, layer) == lo  # nothing written
                 else:
@@ -142,14 +147,40 @@ def test_random_workload_matches_the_reference(cfg, data):
             elif seq_len is None:
                 hit = ref.lengths[layer] > ref.start
             else:
-                hit = ref.start == 0 and seq_len <= ref.lengths[layer]
+                hit = ref.start == 0 and ref.lengths[layer] > 0
             counts["hits" if hit else "misses"] += 1
             if not hit:
                 assert got is None
             else:
                 k, v = content(ref.tokens[:ref.lengths[layer]], layer)
-                lo, hi = (ref.start, ref.lengths[layer]) if seq_len is None else (0, seq_len)
+                lo, hi = (ref.start, ref.lengths[layer]) if seq_len is None else (0, min(seq_len, ref.lengths[layer]))
                 assert torch.equal(got[0], k[lo:hi]) and torch.equal(got[1], v[lo:hi]), f"read of {sid} differs"
+
+        elif op == "replace" and held:  # set_cache: a layer's whole keys/values, shorter or longer
+            sid = data.draw(st.sampled_from(held), label="sid")
+            ref, protected = refs[sid], {sid}
+            layer = data.draw(st.integers(0, LAYERS - 1), label="layer")
+            n = data.draw(st.integers(0, len(ref.tokens)), label="replace length")
+            k, v = content(ref.tokens[:n], layer)
+            restart = ref.start > 0
+            if restart:  # the window dropped its first blocks: the sequence restarts from token 0
+                ref.lengths, ref.start = [0] * LAYERS, 0
+            try:
+                cache.set_cache(layer, sid, k, v)
+            except PoolExhaustedError:  # only NONE refuses, or a whole K/V bigger than the pool
+                assert cfg.eviction_policy.value == "none" or -(-n // cfg.block_size) > cfg.max_blocks
+                assert cache.sequence_length(sid, layer) == ref.lengths[layer]  # this layer unchanged
+            else:
+                ref.lengths[layer] = n
+                event("replaced a layer" + (" after a window trim" if restart else ""))
+
+        elif op == "resume" and evicted_ids:  # continuing an evicted sequence must fail loudly
+            sid = data.draw(st.sampled_from(sorted(evicted_ids)), label="sid")
+            assert cache.was_evicted(sid) and cache.get_cache(0, sid) is None
+            with pytest.raises(EvictedSequenceError, match=f"sequence_id={sid} was evicted"):
+                cache.append_cache(0, sid, *content([1], 0))
+            counts["misses"] += 1
+            event("refused to resume an evicted id")
 
         elif op == "fork" and held:
             parent = data.draw(st.sampled_from(held), label="parent")
@@ -168,6 +199,7 @@ def test_random_workload_matches_the_reference(cfg, data):
             else:
                 refs[child] = refs[parent].copy()
                 retired.discard(child)
+                evicted_ids.discard(child)
 
         elif op == "crop" and held:
             sid = data.draw(st.sampled_from(held), label="sid")
@@ -188,6 +220,7 @@ def test_random_workload_matches_the_reference(cfg, data):
                 cleared.add(sid)
             elif sid in retired:
                 assert cache.clear_sequence(sid) is False
+                evicted_ids.discard(sid)  # acknowledged: the id may be reused
             else:
                 with pytest.raises(UnknownSequenceError, match="never added"):
                     cache.clear_sequence(sid)
@@ -195,6 +228,7 @@ def test_random_workload_matches_the_reference(cfg, data):
         elif op == "clear_all" and data.draw(st.integers(0, 3)) == 0:
             cache.clear_all()
             cleared |= set(refs)
+            evicted_ids.clear()
 
         elif op == "optimize":
             cache.optimize_memory()
@@ -215,6 +249,7 @@ def test_random_workload_matches_the_reference(cfg, data):
             for sid in evicted:
                 del refs[sid]
                 retired.add(sid)
+                evicted_ids.add(sid)
             counts["evicted"] += len(evicted)
         assert sorted(cache.sequence_ids) == sorted(refs)
 
@@ -267,7 +302,7 @@ def test_shared_blocks_are_never_corrupted_by_another_sequences_writes(block_siz
         for layer in range(LAYERS):
             k, v = content(seqs[sid], layer)
             n = cache.sequence_length(sid, layer)
-            cache.set_cache(layer, sid, k[n:], v[n:])
+            cache.append_cache(layer, sid, k[n:], v[n:])
 
     for _ in range(data.draw(st.integers(5, 25), label="n_ops")):
         op = data.draw(st.sampled_from(["add", "add", "fork", "fork", "extend", "rewrite", "rewrite", "clear"]),
