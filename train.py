@@ -35,6 +35,17 @@ Layout of ``--out-dir`` (see :mod:`transformer.training`)::
 Only rank 0 writes files and prints under ``torchrun``; each rank draws its own batches
 (seed + rank) and DistributedDataParallel averages the gradients.
 
+Nothing trained is lost by accident:
+
+* a new run refuses an ``--out-dir`` that holds any of a run's files, before writing anything:
+  continue that run with ``--resume``, or replace it with ``--overwrite`` (which deletes the old
+  run's files first); ``--out-dir`` may not be, or hold, ``--data``, ``--teacher`` or ``--tokenizer``;
+* checkpoints may be read (``generate.py``, another run's ``--teacher``) while this run saves them;
+* ``--resume`` drops a torn last line of ``log.jsonl``; a full disk, a read-only file system or
+  missing permissions end the run with one line naming the path (the last checkpoint is intact).
+
+:mod:`transformer.run_dir` says what a run directory holds and how each guarantee is kept.
+
 Two hidden flags exist for the tests: ``--debug-sigkill-at-step N`` kills the process with
 SIGKILL right after step N; ``--debug-sigkill-in-save N`` kills it in the middle of the N-th
 write of ``last/`` (after the old checkpoint was moved aside, before the new one is moved in).
@@ -44,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import re
@@ -66,6 +76,8 @@ from transformer.data import (BOS_ID, EOS_ID, PAD_ID, SEQ2SEQ_TASKS, MixedBatche
                               count_chars, load_corpus, make_seq2seq_batch, split_documents, tokenize_documents)
 from transformer.encoder_decoder import EncoderDecoderTransformer
 from transformer.model import DecoderOnlyTransformer
+from transformer.run_dir import (RunFiles, WriteFailed, check_inputs_outside, write_failure_message,
+                                  write_json_atomic, writing)
 from transformer.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 #: ModelConfig fields that are not flags: the vocabulary comes from the tokenizer (or the task),
@@ -193,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out-dir", default=None, help="run directory: best/, last/, tokenizer, metrics [default: out]")
     g.add_argument("--resume", action="store_true", default=None,
                    help="continue from <out-dir>/last: weights, optimizer, schedule, data position, RNG")
+    g.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the run already in --out-dir: its best/, last/, tokenizer, metrics.json and "
+                        "log.jsonl are deleted first (without this flag a new run refuses such a directory)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar (plain log lines instead)")
     g.add_argument("--debug-sigkill-at-step", type=int, default=None, help=argparse.SUPPRESS)
     g.add_argument("--debug-sigkill-in-save", type=int, default=None, help=argparse.SUPPRESS)
@@ -222,6 +237,10 @@ def resolve_configs(args: argparse.Namespace):
         if getattr(args, flag) is not None and tcfg.teacher is None:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} needs --teacher (the model that "
                              f"writes the text); without one the student trains on the corpus only")
+    if args.overwrite and args.resume:
+        raise ValueError("--overwrite and --resume contradict each other: --resume continues the run in --out-dir, "
+                         "--overwrite deletes it first; pass one of them")
+    check_inputs_outside(tcfg.out_dir, {flag: getattr(tcfg, flag) for flag in ("data", "teacher", "tokenizer")})
     return model_over, tcfg, preset
 
 
@@ -241,18 +260,13 @@ def log(ctx: T.Distributed, *parts) -> None:
         tqdm.write(" ".join(str(p) for p in parts), file=sys.stdout)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def sigkill_in_save_hook(nth_last_save: int):
     """Test hook: returns ``on_save(count)`` that arms a SIGKILL inside the ``nth`` save of last/.
 
     The checkpoint module renames the old folder aside, then the new folder in; the hook makes
     the *final* rename kill the process instead, leaving ``.last.old`` (complete) and no
-    ``last/``: the worst moment.  ``load_checkpoint`` must recover from it.
+    ``last/``: the worst moment.  Readers must read the backup where it is; ``--resume`` (the
+    writer) puts it back.
     """
     def on_save(count: int, directory_exists: bool) -> None:
         if count != nth_last_save:
@@ -269,26 +283,6 @@ def sigkill_in_save_hook(nth_last_save: int):
         fake_os.rename = rename
         ckpt_mod.os = fake_os
     return on_save
-
-
-class RunFiles:
-    """Where a run writes (rank 0 only): ``best/``, ``last/``, tokenizer, ``metrics.json``, ``log.jsonl``."""
-
-    def __init__(self, out_dir: str):
-        self.root = Path(out_dir)
-        self.best, self.last = self.root / "best", self.root / "last"
-        self.metrics, self.log = self.root / "metrics.json", self.root / "log.jsonl"
-
-    def append_log(self, record: Dict[str, Any]) -> None:
-        with open(self.log, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def truncate_log(self, after_step: int) -> None:
-        """On resume: drop log lines of steps after the checkpoint (the killed run's tail)."""
-        if self.log.exists():
-            keep = [ln for ln in self.log.read_text().splitlines() if ln.strip()
-                    and json.loads(ln).get("step", 0) <= after_step]
-            self.log.write_text("".join(ln + "\n" for ln in keep))
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,7 +302,8 @@ def prepare_text(tcfg: T.TrainConfig, ctx: T.Distributed, files: RunFiles, resum
              f"{' ...' if len(val_docs) > 6 else ''}")
     source = resume_dir or (Path(tcfg.tokenizer) if tcfg.tokenizer else None)
     if ctx.is_main:
-        files.root.mkdir(parents=True, exist_ok=True)
+        with writing(files.root):
+            files.root.mkdir(parents=True, exist_ok=True)
         if source is not None:
             tok = load_tokenizer(source)
             log(ctx, f"tokenizer: reused {tok!r} from {source}")
@@ -319,13 +314,11 @@ def prepare_text(tcfg: T.TrainConfig, ctx: T.Distributed, files: RunFiles, resum
             tok = Tokenizer.train(train_docs, vocab_size=tcfg.vocab_size, model_type=tcfg.tokenizer_type)
             log(ctx, f"tokenizer: trained {tcfg.tokenizer_type} with vocab {tok.vocab_size} on the training "
                      f"split in {time.time() - t0:.1f}s -> {files.root}")
-        saved = tok.save(files.root)
-        for name in ("tokenizer.model", "tokenizer.json"):  # one tokenizer per run directory
-            if name != saved.name and (files.root / name).exists():
-                (files.root / name).unlink()
+        with writing(files.root / tok.FILENAME):
+            files.save_tokenizer(tok, source)
     T.barrier(ctx)
     tok = load_tokenizer(files.root)
-    tok_file = files.root / ("tokenizer.json" if isinstance(tok, ByteTokenizer) else "tokenizer.model")
+    tok_file = files.root / tok.FILENAME
     train_ids = tokenize_documents(train_docs, tok)
     val_ids = tokenize_documents(val_docs, tok)
     val_chars = count_chars(val_docs)
@@ -344,9 +337,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         model_over, tcfg, preset = resolve_configs(args)
     except ValueError as e:
         build_parser().error(str(e))
+    files = RunFiles(tcfg.out_dir)
+    if not tcfg.resume and not args.overwrite:
+        # Every rank checks before the process group forms, so before any rank has written.
+        files.refuse_existing_run()
     ctx, device = T.init_distributed(tcfg.device)
     try:
         return run(args, model_over, tcfg, preset, ctx, device)
+    except WriteFailed as e:  # a full disk, a read-only file system, no permission: one line, no traceback
+        raise SystemExit(write_failure_message(e, files)) from None
     finally:
         T.shutdown_distributed(ctx)
 
@@ -420,6 +419,11 @@ def run(args, model_over, tcfg: T.TrainConfig, preset: str, ctx: T.Distributed, 
     threads = T.set_threads(tcfg.threads, ctx.world_size) if device.type == "cpu" else torch.get_num_threads()
     files = RunFiles(tcfg.out_dir)
     ckpt = None
+    if ctx.is_main:  # the writer tidies up after a killed save (readers never move files), or --overwrite
+        with writing(files.root):
+            for line in files.make_ready(resume=tcfg.resume, overwrite=args.overwrite):
+                log(ctx, line)
+    T.barrier(ctx)
     if tcfg.resume:
         ckpt, tcfg, preset = load_resume_state(args, tcfg, files)
     dtype = T.resolve_dtype(tcfg.dtype, device)
@@ -510,11 +514,12 @@ def run(args, model_over, tcfg: T.TrainConfig, preset: str, ctx: T.Distributed, 
         step, best = st["step"], st["best"]
         prev_elapsed, prev_tokens = st["elapsed_s"], st["tokens_seen"]
         if ctx.is_main:
-            files.truncate_log(step)
+            with writing(files.log):
+                files.truncate_log(step)
         log(ctx, f"resumed from {files.last} at step {step} (best validation loss so far {best:.4f})")
     elif ctx.is_main:
-        files.root.mkdir(parents=True, exist_ok=True)
-        files.log.write_text("")
+        with writing(files.log):
+            files.start_log()
 
     save_hook = sigkill_in_save_hook(args.debug_sigkill_in_save) if args.debug_sigkill_in_save else None
     last_saves = 0
@@ -536,7 +541,8 @@ def run(args, model_over, tcfg: T.TrainConfig, preset: str, ctx: T.Distributed, 
             return
         extra = {tok_file.name: tok_file} if tok_file else None
         if improved:
-            save_model(files.best, raw, extra_files=extra)
+            with writing(files.best):
+                save_model(files.best, raw, extra_files=extra)
         train_state = {"step": step, "best": best, "optimizer": optimizer.state_dict(),
                        "scheduler": scheduler.state_dict(), "ranks": states, "world_size": ctx.world_size,
                        "train_config": dataclasses.asdict(tcfg), "preset": preset,
@@ -544,7 +550,8 @@ def run(args, model_over, tcfg: T.TrainConfig, preset: str, ctx: T.Distributed, 
         last_saves += 1
         if save_hook:
             save_hook(last_saves, files.last.exists())
-        save_model(files.last, raw, train_state=train_state, extra_files=extra)
+        with writing(files.last):
+            save_model(files.last, raw, train_state=train_state, extra_files=extra)
 
     tuner = T.ThreadTuner(threads) if device.type == "cpu" and tcfg.threads == 0 else None
     tokens_per_step = tcfg.batch_size * (tcfg.block_size if tcfg.model == "decoder" else 1) * ctx.world_size
@@ -606,7 +613,8 @@ def run(args, model_over, tcfg: T.TrainConfig, preset: str, ctx: T.Distributed, 
             else:
                 text += f", exact match {metrics['exact_match']:.1%} on {tcfg.eval_examples} held-out problems"
             if ctx.is_main:
-                files.append_log(record)
+                with writing(files.log):
+                    files.append_log(record)
             save(step, improved)
             log(ctx, text + (" -> saved best/" if improved else ""))
         if args.debug_sigkill_at_step == step:
@@ -640,7 +648,8 @@ def run(args, model_over, tcfg: T.TrainConfig, preset: str, ctx: T.Distributed, 
                   steps_per_thread_count=tuner.steps_at if tuner else {threads: step},
                   machine=T.machine_info())
     if ctx.is_main:
-        write_json_atomic(files.metrics, result)
+        with writing(files.metrics):
+            write_json_atomic(files.metrics, result)
         log(ctx, f"{step} steps, {tokens_seen:,} tokens in {elapsed:.0f}s of training "
                  f"({result['tokens_per_s']:.0f} tokens/s); wall time {result['wall_time_s']:.0f}s; "
                  f"checkpoints in {files.root}/ (best/, last/); try: python generate.py --checkpoint {files.root}")

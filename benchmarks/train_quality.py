@@ -67,11 +67,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_training(run_dir: str, extra: List[str]) -> float:
-    """Run ``python train.py --out-dir run_dir ...`` with its output on our terminal; return seconds."""
+    """Run ``python train.py --out-dir run_dir ...`` with its output on our terminal; return seconds.
+
+    train.py refuses a ``run_dir`` that already holds a run rather than replace it: report on that
+    run with ``--from-run``, or retrain over it by passing ``-- --overwrite``."""
     cmd = [sys.executable, "train.py", "--out-dir", run_dir, *extra]
     print("running:", " ".join(cmd), flush=True)
     t0 = time.time()
-    subprocess.run(cmd, check=True)
+    status = subprocess.run(cmd).returncode
+    if status != 0:
+        raise SystemExit(f"error: train.py exited with status {status} (its message is above); if {run_dir} "
+                         f"already holds a finished run, report on it with --from-run {run_dir}, or retrain over "
+                         f"it with: python -m benchmarks.train_quality --run-dir {run_dir} -- --overwrite")
     return time.time() - t0
 
 

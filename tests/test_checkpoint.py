@@ -138,7 +138,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
             save_checkpoint(d, {"w": torch.ones(3)}, {"v": 2}, {"step": 2})
         monkeypatch.setattr(ckpt_mod, "_write_synced", real_write)
         monkeypatch.setattr(ckpt_mod.os, "rename", real_rename)
-        ck = load_checkpoint(d)        # after rename_new failed, this recovers from .ck.old
+        ck = load_checkpoint(d)        # after rename_new failed, the save put the old folder back
         assert ck.config == {"v": 1} and torch.equal(ck.model_state["w"], torch.zeros(3)), failing
         assert not list(tmp_path.glob(".ck.tmp-*"))
     save_checkpoint(d, {"w": torch.ones(3)}, {"v": 2})

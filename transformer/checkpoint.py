@@ -7,6 +7,11 @@ in ``safetensors`` files (a JSON header plus raw bytes) and everything else in J
 Safe to write: a crash (exception, Ctrl-C, ``kill -9``, power cut) at any moment of
 :func:`save_checkpoint` leaves either the previous checkpoint or the new one, never a mixture.
 
+Safe to read while it is written: readers never move or delete anything, so they cannot get in
+the writer's way; a reader racing a save gets the old or the new checkpoint, complete, never a
+"missing file" (see :func:`load_checkpoint`).  Tidying up after a killed save is the writer's
+job, at its next start (:func:`recover_checkpoint`).
+
 Layout of a checkpoint directory::
 
     model.safetensors        the model's state_dict (tensor name -> tensor)
@@ -26,14 +31,17 @@ Layout of a checkpoint directory::
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -60,8 +68,11 @@ class Checkpoint:
     ``model_state``: name -> tensor (on the requested device), ready for ``load_state_dict``.
     ``config``: the config dict given to :func:`save_checkpoint` (e.g. ``ModelConfig.to_dict()``).
     ``train_state``: the nested train state exactly as saved (tensors on CPU), or ``None``.
-    ``path``: the directory it was read from.  ``model_type``: e.g. ``"decoder"``.
+    ``path``: the directory it was read from (the ``.<name>.old`` backup if a save was between
+    its renames).  ``model_type``: e.g. ``"decoder"``.
     ``metadata``: the rest of the manifest (``format_version``, ``created``, ``files``...).
+    ``extra_data``: the extra files' bytes (e.g. the tokenizer), verified and read together
+    with the weights, so they belong to the same save even if the folder is replaced later.
     """
 
     model_state: Dict[str, torch.Tensor]
@@ -70,10 +81,12 @@ class Checkpoint:
     path: Path
     model_type: str = "decoder"
     metadata: Dict[str, Any] = field(default_factory=dict)
+    extra_data: Dict[str, bytes] = field(default_factory=dict)
 
     @property
     def extra_files(self) -> Dict[str, Path]:
-        """Extra files saved alongside (e.g. ``{"tokenizer.model": path}``), by name."""
+        """Extra files saved alongside (e.g. ``{"tokenizer.model": path}``), by name.  Paths into
+        ``path``, which a later save may replace: :attr:`extra_data` holds the bytes read."""
         return {n: self.path / n for n in self.metadata.get("files", {}) if n not in _RESERVED}
 
 
@@ -222,8 +235,11 @@ def save_checkpoint(directory: Union[str, Path], model_state: Mapping[str, torch
     every file's sha256) is written last.  Then the old checkpoint is renamed to
     ``.<name>.old``, the new folder is renamed to ``<name>``, and the backup is deleted.
     Renames are atomic, so a crash leaves ``<name>`` complete (old or new) or, between the two
-    renames, missing with a complete ``.<name>.old``, which :func:`load_checkpoint` recovers.
-    One writer per directory is assumed (a save deletes stale temp folders of earlier crashes).
+    renames, missing with a complete ``.<name>.old``: readers then read the backup
+    (:func:`load_checkpoint`), and the writer's next start puts it back (:func:`recover_checkpoint`).
+    An exception between the renames (e.g. the disk turned read-only) puts the old folder back at
+    once when it can.  One writer per directory is assumed (a save deletes stale temp folders of
+    earlier crashes); any number of readers may run at the same time.
 
     Raises ``CheckpointError`` if ``directory`` exists and is a non-empty folder that is not a
     checkpoint (so a typo cannot replace your documents), ``TypeError`` for unstorable state.
@@ -250,6 +266,7 @@ def save_checkpoint(directory: Union[str, Path], model_state: Mapping[str, torch
         shutil.rmtree(stale, ignore_errors=True)
     tmp = directory.parent / f"{tmp_prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    moved_aside = False
     try:
         seen: set = set()
         files = {MODEL_FILE: _write_synced(tmp / MODEL_FILE, st_save(
@@ -271,11 +288,17 @@ def save_checkpoint(directory: Union[str, Path], model_state: Mapping[str, torch
             if backup.exists():
                 shutil.rmtree(backup)  # leftover of a crash while deleting it; directory is good
             os.rename(directory, backup)
+            moved_aside = True
             _fsync_dir(directory.parent)
         os.rename(tmp, directory)
         _fsync_dir(directory.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if moved_aside and not os.path.lexists(directory):
+            try:  # failed between the renames: the old checkpoint goes back where readers look first
+                os.rename(backup, directory)
+            except OSError:
+                pass  # readers still find it as the backup; recover_checkpoint retries at the next start
         raise
     shutil.rmtree(backup, ignore_errors=True)
     return directory
@@ -283,18 +306,95 @@ def save_checkpoint(directory: Union[str, Path], model_state: Mapping[str, torch
 
 # ---- reading ---------------------------------------------------------------------------------
 
-def _read_manifest(directory: Path) -> Dict[str, Any]:
+#: With directory file descriptors (POSIX) a reader opens every file inside the folder it opened,
+#: even after the writer renamed that folder aside: one load sees one save.  Elsewhere files are
+#: opened by path, and a folder replaced mid-read is noticed by its identity (device, inode).
+_DIR_FD = os.open in os.supports_dir_fd and os.listdir in os.supports_fd
+#: How many times a load starts again because a save replaced the folder while it was read.
+_READ_ATTEMPTS = 20
+
+
+class _OpenDir:
+    """One checkpoint folder, opened for reading only: readers never move or delete anything."""
+
+    def __init__(self, path: Path, backup_of: Optional[Path] = None):
+        self.path, self.backup_of, self.fd = path, backup_of, None
+        if _DIR_FD:
+            self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            st = os.fstat(self.fd)
+        else:
+            st = os.stat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            self.close()
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(path))
+        self.identity = (st.st_dev, st.st_ino)
+
+    def read(self, name: str) -> Optional[bytes]:
+        """The bytes of file ``name`` in this folder, or ``None`` if it has no such file."""
+        try:
+            if self.fd is None:
+                return (self.path / name).read_bytes()
+            with open(os.open(name, os.O_RDONLY, dir_fd=self.fd), "rb") as f:
+                return f.read()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
+    def names(self) -> list:
+        return sorted(os.listdir(self.path if self.fd is None else self.fd))
+
+    def replaced(self) -> bool:
+        """Does the path no longer name the folder that was opened (renamed aside, deleted, swapped)?
+        A backup counts as replaced as soon as the checkpoint it backs up is back: the writer is
+        about to delete it (or is deleting it: the folder outlives its files for a moment)."""
+        if self.backup_of is not None and os.path.lexists(self.backup_of):
+            return True
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self.identity
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _open_checkpoint_dir(directory: Path) -> Optional[_OpenDir]:
+    """Open ``directory`` or, while a save is between its two renames, its complete backup.
+
+    The writer's swap is ``rename(<name>, .<name>.old)``, ``rename(.<name>.tmp-*, <name>)``,
+    ``rmtree(.<name>.old)``: at every instant one of the two names holds a complete checkpoint,
+    so trying ``<name>`` and then the backup finds one, unless a whole save ran between the two
+    tries (then ``<name>`` is back: try again).  ``None``: neither exists.
+    """
+    backup, _ = _siblings(directory)
+    for _ in range(3):
+        for path in (directory, backup):
+            try:
+                return _OpenDir(path, backup_of=directory if path == backup else None)
+            except FileNotFoundError:
+                continue
+            except NotADirectoryError:
+                if path == directory:
+                    raise CheckpointError(f"{str(directory)!r} is a file; expected a checkpoint directory") from None
+    return None
+
+
+def _read_manifest(folder: _OpenDir) -> Dict[str, Any]:
+    directory, raw = folder.path, folder.read(MANIFEST)
     path = directory / MANIFEST
-    if not path.is_file():
-        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if raw is None:
+        names = folder.names()
+        pickles = [n for n in names if Path(n).suffix in _PICKLE_SUFFIXES]
         if pickles:
             raise CheckpointError(f"{str(directory)!r} is not a checkpoint of this project: it holds pickle files "
                                   f"{pickles} and no {MANIFEST}; pickles are never loaded here because "
                                   f"unpickling can run arbitrary code")
         raise CheckpointError(f"{str(directory)!r} is not a checkpoint of this project: no {MANIFEST} "
-                              f"(found {sorted(p.name for p in directory.iterdir())[:10]})")
+                              f"(found {names[:10]})")
     try:
-        manifest = json.loads(path.read_bytes())
+        manifest = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{str(path)!r} is not valid JSON ({e}): corrupt, or not written by "
                               f"save_checkpoint") from None
@@ -313,12 +413,14 @@ def _read_manifest(directory: Path) -> Dict[str, Any]:
     return manifest
 
 
-def _read_verified(directory: Path, name: str, manifest: Dict[str, Any]) -> bytes:
-    path = directory / name
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(directory)!r} is missing {name}, which its manifest lists")
-    data = path.read_bytes()
-    expected = manifest["files"][name]
+def _read_verified(folder: _OpenDir, name: str, manifest: Dict[str, Any]) -> bytes:
+    path = folder.path / name
+    expected = manifest["files"].get(name)
+    if not isinstance(expected, dict):
+        raise CheckpointError(f"checkpoint {str(folder.path)!r} is corrupt: its manifest does not list {name}")
+    data = folder.read(name)
+    if data is None:
+        raise CheckpointError(f"checkpoint {str(folder.path)!r} is missing {name}, which its manifest lists")
     if len(data) != expected.get("size"):
         raise CheckpointError(f"checkpoint file {str(path)!r} is corrupt: {len(data)} bytes, expected "
                               f"{expected.get('size')} (truncated or overwritten)")
@@ -335,16 +437,42 @@ def _load_in_order(data: bytes) -> Dict[str, torch.Tensor]:
     return {k: tensors[k] for k in order} if sorted(order) == sorted(tensors) else tensors
 
 
+def _read_checkpoint(directory: Path, wanted: Callable[[Dict[str, Any]], list],
+                     hint: Optional[str] = None) -> Tuple[Dict[str, Any], Dict[str, bytes], Path]:
+    """``(manifest, {name: verified bytes}, folder read)`` for the files ``wanted(manifest)`` names.
+
+    Every byte comes from one folder, so from one save.  If an error shows up *and* the folder
+    was meanwhile replaced by a save (the writer deleted the backup a reader was reading, or,
+    without directory descriptors, swapped files under it), the read starts again; an error in
+    a folder nobody replaced is real and raised at once.
+    """
+    for attempt in range(_READ_ATTEMPTS):
+        folder = _open_checkpoint_dir(directory)
+        if folder is None:
+            raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist"
+                                  + (f"; {hint}" if hint else ""))
+        try:
+            manifest = _read_manifest(folder)
+            data = {name: _read_verified(folder, name, manifest) for name in wanted(manifest)}
+            return manifest, data, folder.path
+        except CheckpointError:
+            if not folder.replaced():
+                raise
+        finally:
+            folder.close()
+        time.sleep(0.001 * (attempt + 1))  # a save is under way: give it a moment
+    raise CheckpointError(f"checkpoint {str(directory)!r} was replaced {_READ_ATTEMPTS} times while being read; "
+                          f"is something saving it faster than it can be read?")
+
+
 def verify_checkpoint(directory: Union[str, Path]) -> Dict[str, Any]:
     """Check the manifest and every listed file's size and sha256; return the manifest.
 
-    Raises :class:`CheckpointError` on any problem.  Cost: reads every byte once.
+    Reads like :func:`load_checkpoint` (the backup while a save is between its renames; again if
+    a save replaced the folder mid-read).  Raises :class:`CheckpointError` on any problem.
+    Cost: reads every byte once.
     """
-    directory = Path(directory)
-    manifest = _read_manifest(directory)
-    for name in manifest["files"]:
-        _read_verified(directory, name, manifest)
-    return manifest
+    return _read_checkpoint(Path(os.path.abspath(directory)), lambda m: list(m["files"]))[0]
 
 
 def load_checkpoint(directory: Union[str, Path], device: Union[str, torch.device] = "cpu",
@@ -358,8 +486,11 @@ def load_checkpoint(directory: Union[str, Path], device: Union[str, torch.device
         load_train_state: ``False`` skips (and does not verify) the train state: faster for
             inference, which only needs the weights.
 
-    If ``directory`` is missing but a complete ``.<name>.old`` backup exists (a save was killed
-    between its two renames), the backup is renamed back into place and loaded.
+    Safe beside a writer saving the same directory: nothing is moved or deleted, and the result
+    is the checkpoint before or after a concurrent save, complete.  If ``directory`` is missing
+    but its ``.<name>.old`` backup exists (a save is between its two renames, or was killed
+    there), the backup is read in place (``Checkpoint.path`` says so).  Extra files (the
+    tokenizer) are read with the weights: ``Checkpoint.extra_data``.
 
     Raises :class:`CheckpointError` for a missing directory, a foreign folder (no manifest,
     another library's ``config.json``, pickles), an unsupported ``format_version``, a missing
@@ -368,37 +499,56 @@ def load_checkpoint(directory: Union[str, Path], device: Union[str, torch.device
     Cost: reads and hashes every byte once.
     """
     directory = Path(os.path.abspath(directory))
-    backup, _ = _siblings(directory)
-    if not directory.exists() and backup.is_dir():
-        verify_checkpoint(backup)
-        try:
-            os.rename(backup, directory)
-        except OSError:
-            directory = backup
-    if not directory.exists():
-        raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist"
-                              + (f"; {hint}" if hint else ""))
-    if not directory.is_dir():
-        raise CheckpointError(f"{str(directory)!r} is a file; expected a checkpoint directory")
-    manifest = _read_manifest(directory)
-    for name in manifest["files"]:  # verify extras too: a missing tokenizer is found now, not later
-        if name not in (MODEL_FILE, TRAIN_JSON, TRAIN_TENSORS):
-            _read_verified(directory, name, manifest)
-    try:
-        model_state = _load_in_order(_read_verified(directory, MODEL_FILE, manifest))
-        train_state = None
+
+    def wanted(manifest):  # extras too: a missing tokenizer is found now, not later
+        names = [n for n in manifest["files"] if n not in (TRAIN_JSON, TRAIN_TENSORS)]
         if load_train_state and TRAIN_JSON in manifest["files"]:
-            skeleton = json.loads(_read_verified(directory, TRAIN_JSON, manifest))
-            tensors = st_load(_read_verified(directory, TRAIN_TENSORS, manifest))
-            train_state = unflatten_state(skeleton, tensors)
-    except CheckpointError:
-        raise
+            names += [TRAIN_JSON, TRAIN_TENSORS]
+        return names
+
+    manifest, data, path = _read_checkpoint(directory, wanted, hint)
+    try:
+        model_state = _load_in_order(data.pop(MODEL_FILE))
+        train_state = None
+        if TRAIN_JSON in data:
+            skeleton = json.loads(data.pop(TRAIN_JSON))
+            train_state = unflatten_state(skeleton, st_load(data.pop(TRAIN_TENSORS)))
     except Exception as e:  # checksums matched, yet unparsable: written by something else
-        raise CheckpointError(f"checkpoint {str(directory)!r} is corrupt: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: {type(e).__name__}: {e}") from None
     if torch.device(device).type != "cpu":
         model_state = {k: v.to(device) for k, v in model_state.items()}
     meta = {k: v for k, v in manifest.items() if k not in ("config", "model_type")}
-    return Checkpoint(model_state, manifest["config"], train_state, directory, manifest["model_type"], meta)
+    return Checkpoint(model_state, manifest["config"], train_state, path, manifest["model_type"], meta, data)
+
+
+def recover_checkpoint(directory: Union[str, Path]) -> list:
+    """Tidy ``directory`` after an interrupted save: for the *writer*, at its start, before it saves.
+
+    * ``<name>`` missing, ``.<name>.old`` present (killed between the two renames): the backup is
+      verified and renamed back.
+    * both present (killed while deleting the backup): the backup is deleted.
+    * ``.<name>.tmp-*`` folders (killed while writing): deleted.
+
+    Readers never do this: they read the backup in place.  (A reader that renamed the backup
+    back while the writer was between its renames made the writer's second rename fail.)
+    Returns one sentence per thing done, for the log.
+    """
+    directory = Path(os.path.abspath(directory))
+    backup, tmp_prefix = _siblings(directory)
+    done = []
+    if backup.is_dir():
+        if not os.path.lexists(directory):
+            verify_checkpoint(backup)
+            os.rename(backup, directory)
+            _fsync_dir(directory.parent)
+            done.append(f"restored {directory} from {backup.name}, left by an interrupted save")
+        elif directory.is_dir():  # the new checkpoint is in place (anything else: leave both alone)
+            shutil.rmtree(backup)
+            done.append(f"deleted {backup}, a backup an interrupted save left behind")
+    for stale in sorted(directory.parent.glob(tmp_prefix + "*")):
+        shutil.rmtree(stale, ignore_errors=True)
+        done.append(f"deleted {stale}, a checkpoint an interrupted save had not finished")
+    return done
 
 
 # ---- whole models ----------------------------------------------------------------------------
@@ -460,7 +610,7 @@ def load_model(directory: Union[str, Path], device: Union[str, torch.device] = "
     from .config import ModelConfig
     from .encoder_decoder import EncoderDecoderTransformer
     from .model import DecoderOnlyTransformer
-    from .tokenizer import load_tokenizer
+    from .tokenizer import ByteTokenizer, Tokenizer
 
     classes = {"decoder": DecoderOnlyTransformer, "encoder_decoder": EncoderDecoderTransformer}
     ckpt = load_checkpoint(resolve_run_dir(directory), device="cpu", hint=hint, load_train_state=load_train_state)
@@ -482,10 +632,12 @@ def load_model(directory: Union[str, Path], device: Union[str, torch.device] = "
                               f"of this code?") from None
     tokenizer = None
     for name in TOKENIZER_FILES:
-        if name in ckpt.extra_files:
+        if name in ckpt.extra_data:  # the bytes read with the weights: the folder may be gone by now
+            cls = Tokenizer if name == Tokenizer.FILENAME else ByteTokenizer
             try:
-                tokenizer = load_tokenizer(ckpt.extra_files[name])
-            except (OSError, ValueError) as e:
+                tokenizer = cls.from_bytes(ckpt.extra_data[name], source=ckpt.path / name)
+            except ValueError as e:
                 raise CheckpointError(f"checkpoint {str(ckpt.path)!r}: its {name} is unusable: {e}") from None
             break
     return model.to(device).eval(), tokenizer, ckpt
+

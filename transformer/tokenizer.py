@@ -73,6 +73,8 @@ class Tokenizer:
     Cost: encoding runs at several MB/s in C++; the model file is a few hundred KB.
     """
 
+    FILENAME = MODEL_FILENAME  # what save() writes and load() reads in a folder
+
     def __init__(self, model_proto: bytes, source: str = "<memory>"):
         import sentencepiece as spm
 
@@ -226,7 +228,16 @@ class Tokenizer:
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer at {str(file)!r}; expected a SentencePiece "
                                     f"{MODEL_FILENAME} (train one with Tokenizer.train or train.py)")
-        return cls(file.read_bytes(), source=repr(str(file)))
+        return cls.from_bytes(file.read_bytes(), source=file)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: Union[str, Path] = "<memory>") -> "Tokenizer":
+        """The tokenizer whose ``tokenizer.model`` file holds ``data`` (e.g. read with a checkpoint).
+
+        ``source`` names where the bytes came from in the ``ValueError`` raised if they are not a
+        SentencePiece model.  Cost: parses the model (milliseconds).
+        """
+        return cls(data, source=repr(str(source)))
 
 
 class ByteTokenizer:
@@ -239,6 +250,7 @@ class ByteTokenizer:
     """
 
     OFFSET = 4
+    FILENAME = BYTES_FILENAME  # what save() writes and load() reads in a folder
     vocab_size = 256 + OFFSET
     pad_id, bos_id, eos_id, unk_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID
 
@@ -279,12 +291,22 @@ class ByteTokenizer:
         file = path / BYTES_FILENAME if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no byte tokenizer at {str(file)!r}; expected {BYTES_FILENAME}")
+        return cls.from_bytes(file.read_bytes(), source=file)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: Union[str, Path] = "<memory>") -> "ByteTokenizer":
+        """The tokenizer whose ``tokenizer.json`` file holds ``data`` (e.g. read with a checkpoint).
+
+        ``ValueError`` naming ``source`` (where the bytes came from) unless ``data`` is the marker
+        :meth:`save` writes.  Cost: parses a few bytes of JSON.
+        """
         try:
-            spec = json.loads(file.read_text())
+            spec = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{str(file)!r} is not a valid {BYTES_FILENAME} ({e})") from None
+            raise ValueError(f"{str(source)!r} is not a valid {BYTES_FILENAME} ({e})") from None
         if spec != {"type": "bytes", "offset": cls.OFFSET}:
-            raise ValueError(f"{str(file)!r} describes {spec!r}; expected a ByteTokenizer with offset {cls.OFFSET}")
+            raise ValueError(f"{str(source)!r} describes {spec!r}; expected a ByteTokenizer with offset "
+                             f"{cls.OFFSET}")
         return cls()
 
 
