@@ -4,7 +4,7 @@ Examples::
 
     python generate.py --prompt "ROMEO:"                  # out/ (its best/ checkpoint), KV cache on
     python generate.py --prompt "ROMEO:" --no-use-cache   # the cache-free reference, for comparison
-    echo "To be, or not to be" | python generate.py       # the prompt from stdin
+    echo "To be, or not to be" | python generate.py       # the prompt from stdin (also: --prompt -)
     python generate.py --temperature 0 --max-new-tokens 50 --prompt "KING:"   # greedy
     python generate.py --cache static --num-samples 3 --seed 1
     python generate.py --checkpoint out-s2s --src "5 9 12 4"   # encoder-decoder: token ids in
@@ -24,8 +24,12 @@ only the text.
 checkpoint directory itself (e.g. ``out/last``).  Checkpoints are safetensors + JSON: loading
 one never unpickles anything.
 
-Without ``--prompt`` (and with a terminal on stdin) generation starts from the end-of-document
-token, i.e. the model begins a new document (a play) of its own.
+Without ``--prompt`` (and with a terminal on stdin) the sample starts at a speaker heading
+(``MACBETH:``) or a scene heading drawn, by ``--seed``, from the held-out text of the run that
+trained the checkpoint (named in its ``metrics.json``), so it begins where a speech or a scene
+begins, not mid-word.  If that text cannot be read, generation starts from the end-of-document
+token (the model begins a document of its own) and stderr says why.  When the prompt is read
+from stdin (a pipe, or ``--prompt -``), stderr says so: a pipe left open waits for its end.
 
 Encoder-decoder checkpoints (``train.py --model encoder-decoder``) take ``--src``: the source
 symbols as space-separated token ids.  Ids 0, 1, 2 are PAD, BOS, EOS; symbols are 3 and up
@@ -36,9 +40,13 @@ written as digits, ``"123+45"``.  Decoding is greedy unless ``--temperature`` is
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import random
 import re
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import List, Optional
 
@@ -46,11 +54,81 @@ import torch
 
 from transformer import training as T
 from transformer.checkpoint import CheckpointError, load_model
-from transformer.data import EOS_ID, FIRST_SYMBOL, PLUS_ID
-from transformer.gpt2 import load_gpt2, parse_prompt_ids
+from transformer.data import EOS_ID, FIRST_SYMBOL, PLUS_ID, load_corpus, split_documents
+from transformer.gpt2 import InsecureTorchError, load_gpt2, parse_prompt_ids
 from spec_decoding import ModelDrafter, PromptLookupDrafter, format_stats, speculative_generate
 
 DEFAULT_CHECKPOINT = "out"
+
+
+# ---- flag values: checked by argparse, so a bad one is a one-line error naming the flag ----------
+
+def int_at_least(low: int, note: str = ""):
+    """An argparse ``type``: an integer ``>= low`` (``note`` explains a special value, e.g. "0 = off")."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}{note}, got {text!r}")
+        return value
+    return parse
+
+
+def temperature_value(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0 = greedy), got {text!r}")
+    return value
+
+
+def top_p_value(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] (1 = off), got {text!r}")
+    return value
+
+
+def seed_value(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 and below 2**64, got {text!r}")
+    return value
+
+
+def device_value(text: str) -> str:
+    """``auto``, or a device this machine has: ``cpu``, ``cuda``, ``cuda:N``, ``mps``."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; expected auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r} is not available: this torch sees no CUDA GPU; use "
+                                             f"--device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r} is not available: this machine has "
+                                             f"{torch.cuda.device_count()} CUDA device(s), cuda:0 and up")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r} is not available: this torch has no Apple MPS backend; use "
+                                             f"--device cpu (or auto)")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: generate.py runs on auto, cpu, cuda, cuda:N or mps")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,21 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help="run directory from train.py (loads its best/) or a checkpoint directory [default: out]")
     p.add_argument("--prompt", default=None,
-                   help="text to continue [default: stdin if it is not a terminal, else start a new document]")
+                   help="text to continue; - reads it from stdin [default: stdin if it is not a terminal, else a "
+                        "speaker or scene heading drawn by --seed from the run's held-out text]")
     p.add_argument("--src", default=None,
                    help="encoder-decoder models only: source token ids, e.g. \"5 9 12 4\" (symbols are ids >= 3), "
                         "or digits like \"123+45\" for the add task")
-    p.add_argument("--max-new-tokens", type=int, default=None,
+    p.add_argument("--max-new-tokens", type=int_at_least(0), default=None,
                    help="tokens to generate per sample [default: 200; encoder-decoder: up to max_seq_len - 1, "
                         "stopping at EOS]")
-    p.add_argument("--temperature", type=float, default=None,
+    p.add_argument("--temperature", type=temperature_value, default=None,
                    help="<1 sharper, >1 flatter, 0 = greedy [default: 0.8; 0 for encoder-decoder]")
-    p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (0 = off) "
-                                                          "[default: 200]")
-    p.add_argument("--top-p", type=float, default=0.95,
+    p.add_argument("--top-k", type=int_at_least(0, " (0 = off)"), default=200,
+                   help="sample among the k most likely tokens (0 = off) [default: 200]")
+    p.add_argument("--top-p", type=top_p_value, default=0.95,
                    help="then keep the smallest set of tokens with this much probability (1 = off) [default: 0.95]")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling [default: random]")
-    p.add_argument("--num-samples", type=int, default=1, help="independent samples to draw [default: 1]")
+    p.add_argument("--seed", type=seed_value, default=None, help="seed for reproducible sampling [default: random]")
+    p.add_argument("--num-samples", type=int_at_least(1), default=1, help="independent samples to draw [default: 1]")
     p.add_argument("--use-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="decode with a KV cache (--no-use-cache reruns the whole prefix every step: the "
                         "reference) [default: on]")
@@ -84,14 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "sliding_window keeps the last --window tokens; sinks keeps --sink-tokens first tokens + "
                         "the last --window (StreamingLLM, for streams far past the training context); quantized "
                         "stores keys/values in --kv-bits bits [default: dynamic]")
-    p.add_argument("--window", type=int, default=None,
+    p.add_argument("--window", type=int_at_least(1), default=None,
                    help="tokens kept by sliding_window/sinks [default: sliding_window: the context; sinks: "
                         "context - sink tokens]")
-    p.add_argument("--sink-tokens", type=int, default=4, help="first tokens kept forever by --cache sinks "
+    p.add_argument("--sink-tokens", type=int_at_least(0), default=4, help="first tokens kept forever by --cache sinks "
                                                               "[default: 4]")
     p.add_argument("--kv-bits", type=int, choices=(2, 4, 8), default=8,
                    help="bits per key/value for --cache quantized [default: 8]")
-    p.add_argument("--kv-residual", type=int, default=32,
+    p.add_argument("--kv-residual", type=int_at_least(0), default=32,
                    help="newest tokens kept exact by --cache quantized [default: 32]")
     spec = p.add_argument_group("speculative decoding (decoder-only checkpoints)")
     spec.add_argument("--speculative", action="store_true",
@@ -101,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the draft model (same tokenizer), e.g. out-draft from train.py --preset draft")
     spec.add_argument("--prompt-lookup", action="store_true",
                       help="draft by copying the continuation of an earlier n-gram match in the context (no model)")
-    spec.add_argument("--num-draft-tokens", type=int, default=4, help="tokens drafted per round [default: 4]")
+    spec.add_argument("--num-draft-tokens", type=int_at_least(1), default=4,
+                      help="tokens drafted per round [default: 4]")
     spec.add_argument("--adaptive-draft", action="store_true",
                       help="grow the draft length after a fully accepted round, shrink it after a rejection")
     spec.add_argument("--compare", action="store_true",
@@ -126,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "float32) [default: float32]")
     hf.add_argument("--prompt-ids", default=None,
                     help="the prompt as token ids, e.g. \"464 2068 7586\" (for models without a tokenizer here)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto [default: cpu]")
+    p.add_argument("--device", type=device_value, default="cpu", help="cpu, cuda, mps or auto [default: cpu]")
     return p
 
 
@@ -241,11 +321,7 @@ def report(n_tokens: int, seconds: float, cache, args, stats=None) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    if (args.max_new_tokens is not None and args.max_new_tokens < 0) or args.num_samples < 1:
-        print(f"error: need --max-new-tokens >= 0 and --num-samples >= 1, got {args.max_new_tokens} and "
-              f"{args.num_samples}", file=sys.stderr)
-        return 2
+    args = build_parser().parse_args(argv)  # flag values are checked here (one argparse line each)
     try:
         device = T.resolve_device(args.device)
         if args.gpt2 is not None:
@@ -262,17 +338,22 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  "with --no-use-cache")
             if device.type == "cuda" and not args.speculative:
                 model.to(torch.bfloat16)  # bf16 on GPU: half the bytes to stream per token
-    except (CheckpointError, FileNotFoundError, ValueError) as e:  # GPT2FormatError is a ValueError
+    except (CheckpointError, FileNotFoundError, ValueError, InsecureTorchError) as e:  # GPT2FormatError: a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
     seq2seq = ckpt.model_type == "encoder_decoder"
     temperature = args.temperature if args.temperature is not None else (0.0 if seq2seq else 0.8)
     sampling = dict(do_sample=temperature > 0, temperature=temperature, top_k=args.top_k or None,
                     top_p=args.top_p if args.top_p < 1 else None)
+    seed = args.seed if args.seed is not None else torch.seed()
     generator = torch.Generator(device=device)
-    generator.manual_seed(args.seed if args.seed is not None else torch.seed())
+    generator.manual_seed(seed)
     print(f"[loaded {ckpt.path} ({ckpt.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
           f"parameters) on {device}]", file=sys.stderr)
+    problem = check_cache_flags(args, model.config)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
 
     try:
         if seq2seq:
@@ -287,13 +368,25 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"error: checkpoint {ckpt.path} holds no tokenizer (tokenizer.model); it was not written by "
                   f"train.py", file=sys.stderr)
             return 1
-        return generate_text(model, tokenizer, args, sampling, generator, device, draft)
+        return generate_text(model, tokenizer, args, sampling, generator, device, draft,
+                             seed=seed, run_dirs=() if ckpt.model_type == "gpt2" else run_dirs_of(ckpt.path))
     except ValueError as e:  # bad sampling values, a prompt too long for learned positions...
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
 LOSSY_CACHES = ("sliding_window", "sinks", "quantized")
+
+
+def check_cache_flags(args, config) -> Optional[str]:
+    """What is wrong with the cache flags for this model, in the flags' own terms (or ``None``)."""
+    if args.cache == "sinks" and args.window is None:
+        context = config.sliding_window or config.max_seq_len
+        if args.sink_tokens >= context:
+            return (f"--cache sinks --sink-tokens {args.sink_tokens}: without --window the window is the model's "
+                    f"context ({context} tokens) minus the sink tokens, which leaves no room; use --sink-tokens "
+                    f"below {context}, or give --window")
+    return None
 
 
 def cache_options(args) -> dict:
@@ -316,7 +409,7 @@ def load_draft(args, model, device):
     if not args.use_cache:
         raise ValueError("--speculative decodes through the KV caches; it cannot be combined with --no-use-cache")
     if args.cache not in ("dynamic", "static"):
-        raise ValueError(f"--speculative rolls caches back with crop(); use --cache dynamic or static, not {args.cache}")
+        raise ValueError(f"--speculative rolls caches back with rollback(); use --cache dynamic or static, not {args.cache}")
     if args.prompt_lookup == bool(args.draft_checkpoint):
         raise ValueError("--speculative needs exactly one drafter: --draft-checkpoint DIR or --prompt-lookup")
     if args.prompt_lookup:
@@ -360,6 +453,10 @@ def generate_ids(model, tokenizer, args, sampling, generator, device, draft=None
               file=sys.stderr)
         return 2
     prompt_ids = parse_prompt_ids(args.prompt_ids, model.config.vocab_size)
+    if len(prompt_ids) > model.config.max_seq_len:
+        print(f"error: --prompt-ids holds {len(prompt_ids)} ids; this model's context is max_seq_len="
+              f"{model.config.max_seq_len}", file=sys.stderr)
+        return 2
     max_new = 200 if args.max_new_tokens is None else args.max_new_tokens
     max_new = min(max_new, model.config.max_seq_len - len(prompt_ids))
     input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
@@ -378,14 +475,80 @@ def generate_ids(model, tokenizer, args, sampling, generator, device, draft=None
     return 0
 
 
-def generate_text(model, tokenizer, args, sampling, generator, device, draft=None) -> int:
+def run_dirs_of(checkpoint_path) -> List[Path]:
+    """Where a run's ``metrics.json`` may be: the checkpoint directory (``out/best``) and its run directory."""
+    path = Path(checkpoint_path)
+    return [path, path.parent]
+
+
+#: A line that opens a speech (``MACBETH:``, ``First Witch:``) or an act or scene
+#: (``SCENE II. A camp near Forres.``), as the plays are written (see ``strip_play_markup``).
+HEADING = re.compile(r"(?:ACT|SCENE) [IVXLC\d]+\b.*|[A-Z][A-Za-z'.-]*(?: [A-Z][A-Za-z'.-]*){0,3}:")
+
+
+def heading_lines(text: str) -> List[str]:
+    """The lines of ``text`` that match :data:`HEADING` and follow a blank line (or open the text)."""
+    found, after_blank = [], True
+    for line in text.splitlines():
+        line = line.rstrip()
+        if after_blank and HEADING.fullmatch(line):
+            found.append(line)
+        after_blank = not line.strip()
+    return found
+
+
+def default_prompt(run_dirs, seed: int):
+    """``(prompt, note)``: a heading line drawn with ``random.Random(seed)`` from the held-out text of
+    the run that trained the checkpoint (its ``metrics.json`` names the corpus, the split and its
+    seed), so a sample without a prompt starts where a speech or scene starts; ``(None, why not)``
+    if that text cannot be read or holds no heading."""
+    metrics = next((Path(d) / "metrics.json" for d in run_dirs if (Path(d) / "metrics.json").is_file()), None)
+    if metrics is None:
+        return None, "no metrics.json beside the checkpoint names the text it was trained on"
+    try:
+        cfg = json.loads(metrics.read_text(encoding="utf-8"))["train_config"]
+        train, held_out = split_documents(load_corpus(cfg.get("data")), cfg.get("val_fraction", 0.1),
+                                          seed=cfg.get("seed", 1337))
+    except (OSError, ValueError, KeyError, TypeError, ModuleNotFoundError) as e:
+        return None, f"the training text named in {metrics} could not be read ({type(e).__name__}: {e})"
+    headings = [h for doc in held_out for h in heading_lines(doc.text)]
+    where = "held-out"
+    if not headings:
+        headings, where = [h for doc in train for h in heading_lines(doc.text)], "training"
+    if not headings:
+        return None, f"the text named in {metrics} has no speaker or scene headings"
+    heading = random.Random(seed).choice(headings)
+    return heading + "\n", (f"[no prompt: starting at {heading!r}, a heading drawn from the {where} text by the "
+                            f"seed; --prompt TEXT gives your own]")
+
+
+def read_prompt(args) -> Optional[str]:
+    """``--prompt``, or stdin for ``--prompt -`` or when stdin is not a terminal (saying so on stderr)."""
+    if args.prompt == "-" or (args.prompt is None and sys.stdin is not None and not sys.stdin.isatty()):
+        print("[reading the prompt from stdin until it ends (Ctrl-D at a terminal); --prompt TEXT gives it on the "
+              "command line]", file=sys.stderr, flush=True)
+        return sys.stdin.read()
+    return args.prompt
+
+
+def generate_text(model, tokenizer, args, sampling, generator, device, draft=None, seed: int = 0,
+                  run_dirs=()) -> int:
     config = model.config
-    prompt = args.prompt
-    if prompt is None and not sys.stdin.isatty():
-        prompt = sys.stdin.read()
+    prompt = read_prompt(args)
+    if not prompt:
+        prompt, note = default_prompt(run_dirs, seed) if run_dirs else (None, "no run directory to draw from")
+        if prompt is None:
+            note = (f"[no prompt: starting from the end-of-document token ({note}); --prompt TEXT gives the "
+                    f"start]")
+        print(note, file=sys.stderr)
     prompt_ids = tokenizer.encode(prompt or "")
     if not prompt_ids:
         prompt_ids = [tokenizer.eos_id]  # "a document just ended": the model starts a new one
+    bad = sorted({i for i in prompt_ids if not 0 <= i < config.vocab_size})
+    if bad:
+        print(f"error: the prompt encodes to token ids {bad[:5]} outside [0, vocab_size={config.vocab_size}) of "
+              f"the model: its tokenizer does not belong to this checkpoint", file=sys.stderr)
+        return 2
     if len(prompt_ids) > config.max_seq_len:
         print(f"[prompt has {len(prompt_ids)} tokens; keeping the last max_seq_len={config.max_seq_len}]",
               file=sys.stderr)

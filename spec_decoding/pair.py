@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from transformer.generation import check_token_ids
 from .decoder import SpecDecodingStats, SpeculativeDecoder
 from .rule import SamplingSettings, probs_from_logits, verify_sampled
 
@@ -110,6 +111,7 @@ class SpecDecodingPair(nn.Module):
         """
         from .drafters import ModelDrafter
         k = self.config.num_draft_tokens if num_tokens is None else num_tokens
+        check_token_ids("input_ids", input_ids, self.draft_model.config.vocab_size)
         drafter = ModelDrafter(self.draft_model)
         drafter.reset(input_ids, input_ids.shape[1] + k, "dynamic")
         prop = drafter.propose(input_ids, k, self._settings(), generator)
@@ -123,6 +125,8 @@ class SpecDecodingPair(nn.Module):
         Row ``i`` is the target's distribution for draft ``i``; the last row is the bonus position.
         """
         k = draft_tokens.shape[-1]
+        check_token_ids("input_ids", input_ids, self.target_model.config.vocab_size)
+        check_token_ids("draft_tokens", draft_tokens, self.target_model.config.vocab_size)
         logits = self.target_model(torch.cat([input_ids, draft_tokens.view(1, k)], dim=1), num_logits_to_keep=k + 1)
         return probs_from_logits(logits[0], self._settings())[None]
 

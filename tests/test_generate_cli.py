@@ -88,7 +88,7 @@ def test_speculative_sampling_is_reproducible_with_a_seed(runs, capsys):
     (["--compare"], "need --speculative"),
     (["--speculative"], "exactly one drafter"),
     (["--speculative", "--prompt-lookup", "--no-use-cache"], "no-use-cache"),
-    (["--speculative", "--prompt-lookup", "--cache", "sinks"], "crop"),
+    (["--speculative", "--prompt-lookup", "--cache", "sinks"], "rollback"),
 ])
 def test_speculative_flag_errors(runs, capsys, argv, message):
     code, _, err = _run(capsys, "--checkpoint", runs[0], *argv)

@@ -8,6 +8,7 @@ that logits are far apart and greedy decoding has no near-ties that rounding cou
 
 import json
 import pathlib
+import re
 import shutil
 import sys
 
@@ -18,8 +19,8 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 from transformer import DecoderOnlyTransformer  # noqa: E402
-from transformer.gpt2 import (GPT2FormatError, gpt2_model_config, load_gpt2, load_gpt2_model,  # noqa: E402
-                              load_gpt2_state_dict, load_gpt2_tokenizer, parse_prompt_ids)
+from transformer.gpt2 import (GPT2FormatError, InsecureTorchError, gpt2_model_config, load_gpt2,  # noqa: E402
+                              load_gpt2_model, load_gpt2_state_dict, load_gpt2_tokenizer, parse_prompt_ids)
 
 VOCAB, N_POS, PROMPT, NEW = 320, 128, 8, 100
 SHAPES = {
@@ -235,6 +236,30 @@ def test_never_unpickles_objects(tmp_path, folder):
     (folder / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(GPT2FormatError, match="not a readable safetensors file"):
         load_gpt2_model(folder)
+
+
+@pytest.mark.parametrize("version", ["2.5.1", "2.5.1+cpu", "2.9.1"])
+def test_bin_weights_are_refused_on_a_torch_with_weights_only_bypasses(checkpoints, monkeypatch, capsys, version):
+    """torch.load(weights_only=True) has published bypasses before torch 2.10 (CVE-2025-32434,
+    CVE-2026-24747): there ``.bin`` weights are refused (the API raises, the CLI prints one line)
+    and safetensors still load."""
+    hf, st, bin_ = checkpoints["1L-32w-2h-gelu"]
+    monkeypatch.setattr(torch, "__version__", version)
+    with pytest.raises(InsecureTorchError, match=rf"torch {re.escape(version)}.*torch < 2\.10.*CVE-2025-32434.*"
+                                                 rf"model\.safetensors"):
+        load_gpt2_model(bin_)
+    assert isinstance(load_gpt2_model(st), DecoderOnlyTransformer)
+    import generate as gen_script
+    assert gen_script.main(["--gpt2", str(bin_), "--prompt-ids", "1 2", "--max-new-tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: refusing to read") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("version", ["2.10.0", "2.13.0+cpu", "2.11.0a0+git1234", "3.0.0"])
+def test_bin_weights_load_on_a_current_torch(checkpoints, monkeypatch, version):
+    hf, _, bin_ = checkpoints["1L-32w-2h-gelu"]
+    monkeypatch.setattr(torch, "__version__", version)
+    assert isinstance(load_gpt2_model(bin_), DecoderOnlyTransformer)
 
 
 # ---- tokenizer --------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import kv_cache
 from .config import ModelConfig
 from .encoder_decoder import EncoderDecoderTransformer
 from .generation import _UNSET
+from .sampling import validate_sampling_args
 
 
 class EnhancedTransformer(EncoderDecoderTransformer):
@@ -97,8 +98,9 @@ class EnhancedTransformer(EncoderDecoderTransformer):
         Other keyword arguments (``output_logits``, ``streamer``, ``cache_implementation``...)
         go to :func:`transformer.generation.generate`.
         """
-        if not isinstance(max_length, int) or max_length < 1:
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be an int >= 1 (it counts the BOS token), got {max_length!r}")
+        validate_sampling_args(temperature, top_k, top_p)  # before `temperature > 0` below compares it
         if do_sample is None:
             do_sample = temperature > 0
         src_mask = self._src_mask(src, src_mask)

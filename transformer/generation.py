@@ -12,7 +12,10 @@ whole sequence so far -- the reference that cached decoding must reproduce exact
 
 Batches of prompts with different lengths are *left padded*: ``attention_mask`` marks real
 tokens with 1.  Padding keys are masked out of attention and position ids count real tokens
-only, so every row produces the same tokens as its prompt run alone.
+only, so every row produces the same tokens as its prompt run alone.  Right padding (or a hole,
+a 0 after a 1) is refused: new tokens are appended after the last column, so the first one
+would be read off a pad.  Inputs are checked once, at entry (token ids below the vocab size,
+masks of 0/1 only); the decode loop itself never synchronises with the host to check anything.
 """
 
 from __future__ import annotations
@@ -74,8 +77,15 @@ def make_cache(config: ModelConfig, kind: str, batch_size: int, max_cache_len: O
         return kv_cache.SlidingWindowKVCache(cache_config.get("window", config.sliding_window or config.max_seq_len))
     if kind == "sinks":
         sinks = cache_config.get("num_sink_tokens", 4)
-        default_window = (config.sliding_window or config.max_seq_len) - (sinks if isinstance(sinks, int) else 0)
-        return kv_cache.SinkKVCache(sinks, cache_config.get("window", default_window))
+        if "window" in cache_config:
+            return kv_cache.SinkKVCache(sinks, cache_config["window"])
+        context = config.sliding_window or config.max_seq_len
+        default_window = context - (sinks if isinstance(sinks, int) and not isinstance(sinks, bool) else 0)
+        if default_window < 1:
+            raise ValueError(f"num_sink_tokens={sinks} leaves no room for the window: by default window = "
+                             f"{'sliding_window' if config.sliding_window else 'max_seq_len'} {context} - "
+                             f"num_sink_tokens; use num_sink_tokens < {context} or give cache_config['window']")
+        return kv_cache.SinkKVCache(sinks, default_window)
     if kind == "quantized":
         hd = config.head_dim
         return kv_cache.QuantizedKVCache(nbits=cache_config.get("nbits", 8),
@@ -118,14 +128,52 @@ class _Stepper:
         return logits[:, -1]
 
 
-def _check_inputs(config: ModelConfig, input_ids, max_new_tokens, attention_mask):
+def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int, vocab_name: str = "vocab_size") -> None:
+    """Refuse ids outside ``[0, vocab_size)`` by value and place: the embedding would otherwise fail
+    with torch's ``IndexError: index out of range in self`` (or a CUDA assert).  One host sync."""
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist()
+    if lo >= 0 and hi < vocab_size:
+        return
+    bad = hi if hi >= vocab_size else lo
+    where = (ids == bad).nonzero()[0].tolist()
+    place = f" (row {where[0]}, position {where[1]})" if len(where) == 2 else ""
+    raise ValueError(f"{name} holds token id {bad}{place}; expected ids in [0, {vocab_name}={vocab_size}) "
+                     f"(padding positions too: they are embedded, then masked)")
+
+
+def check_mask(name: str, mask, shape, left_padded: bool) -> None:
+    """``mask``: 1 = real token, 0 = padding, of ``shape``; at least one 1 per row.  With
+    ``left_padded`` each row must be 0s then 1s: generation appends new tokens after the last
+    column, so a 0 after a 1 (right padding, a hole) would put a pad between prompt and answer
+    and the first token would be read off a pad.  A few host syncs, once per call."""
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(shape):
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{name} must have the shape of its ids {tuple(shape)}, got {got}")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        values = sorted(set(mask[(mask != 0) & (mask != 1)].flatten().tolist()))[:5]
+        raise ValueError(f"{name} must hold only 0 (padding) and 1 (real token), got values {values}")
+    real = mask != 0
+    if not bool(real.any(-1).all()):
+        row = int((~real.any(-1)).nonzero()[0, 0])
+        raise ValueError(f"every row of {name} needs at least one real (1) token; row {row} has none")
+    if left_padded and mask.shape[-1] > 1:
+        holes = (real[:, :-1] & ~real[:, 1:]).any(-1)  # somewhere a 1 followed by a 0
+        if bool(holes.any()):
+            row = int(holes.nonzero()[0, 0])
+            raise ValueError(f"{name} row {row} is {mask[row].long().tolist()}: a 0 after a 1 (right padding or a "
+                             f"hole); generation expects left padding, each row's 0s before its 1s (pad prompts "
+                             f"on the left, e.g. a tokenizer with padding_side='left')")
+
+
+def _check_inputs(config: ModelConfig, input_ids, max_new_tokens, attention_mask, src=None, src_mask=None):
+    """Every check of ``generate``'s inputs, once at entry (never inside the decode loop)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a (batch, prompt_len) LongTensor, got {got}")
     B, P = input_ids.shape
     if P == 0:
         raise ValueError("input_ids must hold at least one token per row (got prompt length 0)")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if P > config.max_seq_len:
         raise ValueError(f"prompt length {P} is longer than the model's context max_seq_len={config.max_seq_len}")
@@ -133,11 +181,17 @@ def _check_inputs(config: ModelConfig, input_ids, max_new_tokens, attention_mask
         raise ValueError(
             f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds max_seq_len={config.max_seq_len}, "
             f"the size of this model's learned position table")
+    check_token_ids("input_ids", input_ids, config.vocab_size)
     if attention_mask is not None:
-        if tuple(attention_mask.shape) != (B, P):
-            raise ValueError(f"attention_mask must have the shape of input_ids {(B, P)}, got {tuple(attention_mask.shape)}")
-        if not bool((attention_mask.sum(-1) > 0).all()):
-            raise ValueError("every row of attention_mask needs at least one real (1) token")
+        check_mask("attention_mask", attention_mask, (B, P), left_padded=True)
+    if src is not None:
+        if (not isinstance(src, torch.Tensor) or src.dim() != 2 or src.dtype != torch.long or src.shape[0] != B
+                or src.shape[1] == 0):
+            got = tuple(src.shape) if isinstance(src, torch.Tensor) else type(src).__name__
+            raise ValueError(f"src must be a (batch={B}, src_len >= 1) LongTensor, got {got}")
+        check_token_ids("src", src, config.src_vocab_size, "src_vocab_size")
+        if src_mask is not None:  # the encoder sees the whole source at once: holes are harmless
+            check_mask("src_mask", src_mask, tuple(src.shape), left_padded=False)
 
 
 def _resolve_cache(model, stepper, cache_implementation, batch, max_len, src, cache_config=None):
@@ -200,7 +254,8 @@ def generate(
             ``pad_token_id``.  Generation ends early once every row has stopped.  Defaults to
             ``model.config.eos_token_id``; pass ``None`` to never stop early.
         generator: a ``torch.Generator`` for reproducible sampling.
-        attention_mask: ``(B, P)``, 1 = real token, 0 = left padding.
+        attention_mask: ``(B, P)``, 1 = real token, 0 = left padding (each row 0s then 1s;
+            right padding, holes and other values are refused with a ``ValueError``).
         output_logits: also return the logits of every step (:class:`GenerateOutput`).
         streamer: called with each new ``(B,)`` token tensor as soon as it is chosen.
         src, src_mask: the source of the encoder-decoder model.
@@ -217,7 +272,9 @@ def generate(
     """
     config = model.config
     validate_sampling_args(temperature, top_k, top_p)
-    _check_inputs(config, input_ids, max_new_tokens, attention_mask)
+    seq2seq = hasattr(model, "encode")
+    _check_inputs(config, input_ids, max_new_tokens, attention_mask, src if seq2seq else None,
+                  src_mask if seq2seq else None)
     if eos_token_id is _UNSET:
         eos_token_id = config.eos_token_id
     if pad_token_id is None:
@@ -240,43 +297,45 @@ def generate(
 
     was_training = model.training
     model.eval()
-    stepper = _Stepper(model, src, src_mask)
-    cache = (_resolve_cache(model, stepper, cache_implementation, B, P + max_new_tokens, src, cache_config)
-             if use_cache else None)
+    try:  # restore the caller's train/eval mode even if a step or the streamer raises
+        stepper = _Stepper(model, src, src_mask)
+        cache = (_resolve_cache(model, stepper, cache_implementation, B, P + max_new_tokens, src, cache_config)
+                 if use_cache else None)
 
-    # One buffer for prompt + new tokens: appending a token is a write, not a reallocation.
-    buffer = input_ids.new_empty(B, P + max_new_tokens)
-    buffer[:, :P] = input_ids
-    sequences = buffer[:, :P]
-    all_logits = []
-    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    logits = stepper(input_ids, cache, attention_mask, position_ids)  # prefill: (B, V)
-    for step in range(max_new_tokens):
-        token = sample_next_token(logits, do_sample, temperature, top_k, top_p, generator)
-        if eos_token_id is not None:
-            token = token.masked_fill(finished, pad_token_id)
-        if output_logits:
-            all_logits.append(logits)
-        buffer[:, P + step] = token
-        sequences = buffer[:, :P + step + 1]
-        if streamer is not None:
-            streamer(token)
-        if eos_token_id is not None:
-            finished |= token == eos_token_id
-            if bool(finished.all()):
+        # One buffer for prompt + new tokens: appending a token is a write, not a reallocation.
+        buffer = input_ids.new_empty(B, P + max_new_tokens)
+        buffer[:, :P] = input_ids
+        sequences = buffer[:, :P]
+        all_logits = []
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        logits = stepper(input_ids, cache, attention_mask, position_ids)  # prefill: (B, V)
+        for step in range(max_new_tokens):
+            token = sample_next_token(logits, do_sample, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                token = token.masked_fill(finished, pad_token_id)
+            if output_logits:
+                all_logits.append(logits)
+            buffer[:, P + step] = token
+            sequences = buffer[:, :P + step + 1]
+            if streamer is not None:
+                streamer(token)
+            if eos_token_id is not None:
+                finished |= token == eos_token_id
+                if bool(finished.all()):
+                    break
+            if step == max_new_tokens - 1:
                 break
-        if step == max_new_tokens - 1:
-            break
-        if attention_mask is not None:
-            next_pos = attention_mask.sum(-1, keepdim=True)  # real tokens so far = the new one's position
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-            position_ids = torch.cat([position_ids, next_pos], dim=1)
-        if cache is not None:  # decode one token through the cache
-            step_pos = position_ids[:, -1:] if position_ids is not None else None
-            logits = stepper(token[:, None], cache, attention_mask, step_pos)
-        else:  # the reference: rerun the whole sequence
-            logits = stepper(sequences, None, attention_mask, position_ids)
-    model.train(was_training)
+            if attention_mask is not None:
+                next_pos = attention_mask.sum(-1, keepdim=True)  # real tokens so far = the new one's position
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+                position_ids = torch.cat([position_ids, next_pos], dim=1)
+            if cache is not None:  # decode one token through the cache
+                step_pos = position_ids[:, -1:] if position_ids is not None else None
+                logits = stepper(token[:, None], cache, attention_mask, step_pos)
+            else:  # the reference: rerun the whole sequence
+                logits = stepper(sequences, None, attention_mask, position_ids)
+    finally:
+        model.train(was_training)
     if output_logits:
         V = logits.shape[-1]
         stacked = torch.stack(all_logits, dim=1) if all_logits else logits.new_zeros(B, 0, V)

@@ -31,7 +31,8 @@ prefix optional)
 
 ``h.i.attn.bias`` / ``h.i.attn.masked_bias`` (the causal-mask buffers old checkpoints saved)
 are ignored.  Nothing is unpickled: weights are read with ``safetensors`` or with
-``torch.load(weights_only=True)``, and the ``transformers`` package is not needed.
+``torch.load(weights_only=True)`` (``.bin`` files only on torch >= 2.10: older releases have
+published bypasses of ``weights_only``), and the ``transformers`` package is not needed.
 
 Entry points: :func:`load_gpt2_model` (also ``DecoderOnlyTransformer.from_pretrained_gpt2``),
 :func:`load_gpt2_tokenizer`, and :func:`load_gpt2` which returns both (for ``generate.py``).
@@ -149,6 +150,32 @@ def gpt2_model_config(hf: dict) -> ModelConfig:
 
 # ---- weights ---------------------------------------------------------------------------------
 
+#: ``torch.load(weights_only=True)`` has published bypasses in older releases (CVE-2025-32434 up
+#: to 2.5.1, CVE-2026-24747 before 2.10): a crafted ``.bin`` could run code while "only" tensors
+#: are read.  Below this version ``.bin`` weights are refused; safetensors files are always fine.
+MIN_TORCH_FOR_PICKLED_WEIGHTS = (2, 10)
+
+
+class InsecureTorchError(RuntimeError):
+    """This torch cannot read pickled (``.bin``) weights safely; the message says what to do."""
+
+
+def check_torch_for_pickled_weights(file: Path, version: Optional[str] = None) -> None:
+    """Refuse to unpickle ``file`` with a torch older than :data:`MIN_TORCH_FOR_PICKLED_WEIGHTS`."""
+    version = str(torch.__version__ if version is None else version)
+    parts = version.split("+")[0].split(".")
+    try:
+        major, minor = int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return  # an unparsable (development) version string: trust it
+    if (major, minor) < MIN_TORCH_FOR_PICKLED_WEIGHTS:
+        need = ".".join(map(str, MIN_TORCH_FOR_PICKLED_WEIGHTS))
+        raise InsecureTorchError(
+            f"refusing to read {str(file)!r} with torch {version}: torch.load(weights_only=True) can be made to "
+            f"run code in torch < {need} (CVE-2025-32434, CVE-2026-24747); upgrade torch (pip install "
+            f"'torch>={need}') or use the folder's model.safetensors (convert with safetensors.torch.save_file)")
+
+
 def _load_file(file: Path) -> Dict[str, torch.Tensor]:
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -157,6 +184,7 @@ def _load_file(file: Path) -> Dict[str, torch.Tensor]:
         except Exception as e:  # header or sizes do not parse: truncated or not safetensors at all
             raise GPT2FormatError(f"{str(file)!r} is not a readable safetensors file: "
                                   f"{type(e).__name__}: {e}") from None
+    check_torch_for_pickled_weights(file)
     try:  # weights_only: tensors and plain containers only, never arbitrary pickled objects
         sd = torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as e:

@@ -3,7 +3,8 @@
 The order is fixed and matches common practice (Hugging Face, vLLM):
 
 1. **temperature** ``T``: ``logits / T``.  ``T < 1`` sharpens, ``T > 1`` flattens, ``T -> 0``
-   approaches greedy (``T = 0`` *is* greedy here).
+   approaches greedy (``T = 0`` *is* greedy here; any tiny ``T > 0`` works, see
+   :func:`process_logits`).  ``T`` must be finite.
 2. **top-k**: keep the ``k`` largest logits (exactly ``k``: ties are broken by index).
 3. **top-p**: of what is left, keep the smallest set of most likely tokens whose probability
    mass reaches ``p`` (the most likely token is always kept).
@@ -15,6 +16,7 @@ Cost: top-k is ``O(V log k)``; top-p sorts, ``O(V log V)`` per row.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -23,12 +25,14 @@ import torch
 def validate_sampling_args(temperature: float = 1.0, top_k: Optional[int] = None,
                            top_p: Optional[float] = None) -> None:
     """Raise a ``ValueError`` naming the first invalid sampling parameter."""
-    if not isinstance(temperature, (int, float)) or temperature != temperature or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
+    if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+            or not math.isfinite(temperature) or temperature < 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool)
+                              or not 0.0 < top_p <= 1.0):  # also refuses nan (every comparison is False)
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -61,12 +65,20 @@ def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: Option
                    top_p: Optional[float] = None) -> torch.Tensor:
     """Apply temperature, then top-k, then top-p to ``(B, V)`` logits (float32 result).
 
-    ``temperature == 0`` is treated as greedy: only the argmax survives.
+    ``temperature == 0`` is treated as greedy: only the argmax survives.  Below 1 the row
+    maximum is subtracted before dividing (softmax is unchanged by a shift), so the scores are
+    at most 0 and a tiny temperature cannot overflow to ``inf``: at ``1e-45`` every token below
+    the maximum gets ``-inf`` and the maximum (or the tied maxima) keeps 0 -- the limit of
+    ``T -> 0``, not a ``nan``.
     """
     logits = logits.float()
     if temperature == 0:
         return top_k_filter(logits, 1)
-    if temperature != 1.0:
+    if temperature < 1.0:
+        top = logits.amax(dim=-1, keepdim=True)
+        # (x - max) / T is <= 0; at the maximum it is 0 / T, which is nan if T rounds to 0 in float32
+        logits = torch.where(logits == top, 0.0, (logits - top) / temperature)
+    elif temperature != 1.0:
         logits = logits / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
