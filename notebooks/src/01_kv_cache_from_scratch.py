@@ -20,6 +20,8 @@ import time
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
+from matplotlib.colors import ListedColormap
+from matplotlib.patches import Patch
 
 from kv_cache import DynamicKVCache
 from transformer import DecoderOnlyTransformer, ModelConfig
@@ -85,6 +87,44 @@ for layer in range(probe.config.n_layers):
     k, v = cache.get(layer)
     print(f"layer {layer}: keys {tuple(k.shape)}  values {tuple(v.shape)}")
 print("tokens stored:", cache.get_seq_length())
+
+# %% [markdown]
+# ### Inside one cached step
+#
+# What does attention see when the cache is in use? Below, the first 10 tokens fill a cache
+# (the *prefill*), then token 11 goes in alone. A subclass of `DynamicKVCache` remembers what
+# layer 0's `update` receives and returns, and a hook on layer 0's attention module catches its
+# query. The shapes follow the `(batch, heads, tokens, head_dim)` convention:
+
+# %%
+class RecordingCache(DynamicKVCache):
+    """A DynamicKVCache that remembers layer 0's last `update`: the new key in, all keys/values out."""
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        keys, values = super().update(key, value, layer_idx, *args, **kwargs)
+        if layer_idx == 0:
+            self.last = {"new key": key, "K": keys, "V": values}
+        return keys, values
+
+
+caught = {}
+attention0 = probe.decoder.blocks[0].attn
+hook = attention0.register_forward_pre_hook(  # the attention module's input x -> its queries
+    lambda module, args: caught.update(q=module.project_qkv(args[0])[0].transpose(1, 2)))
+cache = RecordingCache()
+with torch.no_grad():
+    probe(ids[:, :10], cache=cache)    # prefill: tokens 1..10
+    probe(ids[:, 10:11], cache=cache)  # one cached step: token 11 only
+hook.remove()
+
+q, K, V = caught["q"], cache.last["K"], cache.last["V"]
+scores = q @ K.transpose(-1, -2) / q.shape[-1] ** 0.5
+print(f"q                     {tuple(q.shape)}   the new token's query, one per head")
+print(f"new k (into update)   {tuple(cache.last['new key'].shape)}   the only key this step computes")
+print(f"K, V (out of update)  {tuple(K.shape)}  10 read from the cache + 1 new")
+print(f"scores = q K^T        {tuple(scores.shape)}  one row of the attention matrix per head")
+print(f"softmax(scores) V     {tuple((scores.softmax(-1) @ V).shape)}   the output for the new token")
+assert q.shape[2] == 1 and K.shape[2] == V.shape[2] == 11
 
 # %% [markdown]
 # Each token therefore costs
@@ -162,6 +202,49 @@ full = F.scaled_dot_product_attention((x @ Wq)[None], (x @ Wk)[None], (x @ Wv)[N
 print("cached == uncached:          ", torch.allclose(torch.stack(cached), torch.stack(uncached), atol=1e-6))
 print("cached == causal attention:  ", torch.allclose(torch.stack(cached), full, atol=1e-6))
 print(f"rows projected to keys/values: {rows_uncached} without a cache, {rows_cached} with one")
+
+# %% [markdown]
+# The toy's uncached loop already asks for one query row only. A model run without a cache
+# does worse: it is a training-style forward over the whole prefix, so at step $t$ it computes
+# the query of *every* position against every earlier key -- the whole lower triangle of the
+# attention matrix -- and then keeps only the last row's prediction. The cached step computes
+# that last row and nothing else. Here is the step that handles token 12 of the loop above (the
+# strip below each matrix: which keys and values the step has to project):
+
+# %%
+n = len(x)
+NOT_COMPUTED, THROWN_AWAY, USED, READ = 0, 1, 2, 3
+colours = ListedColormap(["white", "#f6c89f", "#d9534f", "#9ecae1"])
+uncached_scores = torch.tril(torch.full((n, n), THROWN_AWAY))
+uncached_scores[-1] = USED
+cached_scores = torch.full((n, n), NOT_COMPUTED)
+cached_scores[-1] = USED
+projected = {"uncached": torch.full((1, n), USED), "cached": torch.tensor([[READ] * (n - 1) + [USED]])}
+
+fig, axes = plt.subplots(2, 2, figsize=(9, 5.6), gridspec_kw={"height_ratios": [n, 1]}, sharex=True)
+for col, (name, grid) in enumerate([("uncached", uncached_scores), ("cached", cached_scores)]):
+    computed = int((grid != NOT_COMPUTED).sum())
+    axes[0, col].imshow(grid, cmap=colours, vmin=0, vmax=3, aspect="auto")
+    axes[0, col].set_title(f"{name}, token {n}: {computed} attention scores", fontsize=10)
+    axes[0, col].set_ylabel("query position")
+    axes[0, col].set_yticks(range(0, n, 2))
+    axes[0, col].set_yticks([i - 0.5 for i in range(n + 1)], minor=True)
+    axes[1, col].imshow(projected[name], cmap=colours, vmin=0, vmax=3, aspect="auto")
+    axes[1, col].set_yticks([0], ["K, V"])
+    axes[1, col].set_xlabel("key position")
+for ax in axes.flat:
+    ax.set_xticks(range(0, n, 2))
+    ax.set_xticks([i - 0.5 for i in range(n + 1)], minor=True)
+    ax.grid(which="minor", color="0.8", lw=0.5)
+    ax.tick_params(which="minor", length=0)
+patches = [Patch(facecolor=c, edgecolor="0.5", label=l) for c, l in
+           [("#d9534f", "computed this step, needed"), ("#f6c89f", "computed this step, thrown away"),
+            ("#9ecae1", "read from the cache"), ("white", "not computed")]]
+fig.legend(handles=patches, loc="lower center", ncol=4, fontsize=8, frameon=False)
+fig.tight_layout(rect=(0, 0.06, 1, 1))
+plt.show()
+print(f"token {n}: uncached {n * (n + 1) // 2} scores and {n} key/value projections, "
+      f"cached {n} scores and 1 key/value projection")
 
 # %% [markdown]
 # For $n$ steps the uncached loop projects $1 + 2 + \dots + n = n(n+1)/2$ rows, the cached one
@@ -257,7 +340,7 @@ print(tok.decode(sample[0].tolist()))
 # * **uncached**: a forward pass over all $L$ tokens (asking for the last position's logits only);
 # * **cached**: a forward pass over one token, with the other $L-1$ in the cache.
 #
-# To time the cached step repeatedly at the same length we `crop` the cache back to $L-1$
+# To time the cached step repeatedly at the same length we `rollback` the cache back to $L-1$
 # tokens after each step, which costs nothing: it only moves the stored length.
 
 # %%
@@ -282,7 +365,7 @@ with torch.no_grad():
 
         def cached_step():
             model(text_ids[:, L - 1: L], cache=cache)   # token number L
-            cache.crop(L - 1)                           # and forget it again
+            cache.rollback(L - 1)                           # and forget it again
 
         step_time["cached"].append(median_seconds(cached_step))
 
@@ -316,3 +399,60 @@ for L, u, c in zip(lengths, step_time["uncached"], step_time["cached"]):
 #
 # Next: `02_sampling.ipynb` (how a token is chosen from the logits) and
 # `03_encoder_decoder_cross_attention.ipynb` (the second cache of an encoder-decoder model).
+#
+# ## Exercises: predict, then run
+#
+# Write your prediction down before you run each cell; the answer is folded below it.
+#
+# **1.** A batch of 3 prompts of 8 tokens each goes into `generate` with 5 new tokens and a
+# `DynamicKVCache` of our own. What is the shape of layer 0's keys in that cache afterwards?
+# (The Shakespeare model has 4 heads of 16.)
+
+# %% tags=["exercise"]
+my_cache = DynamicKVCache()
+prompts = data[:24].view(3, 8)
+out = model.generate(prompts, max_new_tokens=5, cache_implementation=my_cache, eos_token_id=None)
+print("sequences:", tuple(out.shape), "| layer 0 keys in the cache:", tuple(my_cache.get(0)[0].shape))
+
+# %% [markdown]
+# <details><summary>Answer</summary>
+#
+# `(3, 4, 12, 16)`: batch 3, 4 heads, **12** tokens, head size 16 -- not 13. The prompt's 8
+# tokens go in with the prefill, and each of the next 4 steps feeds the token chosen before it.
+# The 5th new token is chosen from the last step's logits and returned, but never fed back, so
+# its key and value are never computed. The cache always runs one token behind the text.
+# </details>
+#
+# **2.** Give the small `probe` model *multi-query* attention (`n_kv_heads=1`: its 4 query heads
+# share one key/value head). How many bytes does a `StaticKVCache` for 100 tokens take now?
+# It took 51,200 bytes with 4 key/value heads.
+
+# %% tags=["exercise"]
+mqa = DecoderOnlyTransformer(ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1))
+print(mqa.new_cache("static", batch_size=1, max_cache_len=100).memory_bytes(), "bytes")
+
+# %% [markdown]
+# <details><summary>Answer</summary>
+#
+# 12,800 bytes, a quarter: $2 \times 2$ layers $\times 1$ head $\times 8$ dims $\times 4$ bytes
+# $= 128$ bytes per token. The cache stores key/value heads only; the number of query heads does
+# not enter the formula. (The model's outputs change too -- fewer heads of keys and values is a
+# different model, which is why GQA models are trained that way.)
+# </details>
+#
+# **3.** Sample 100 tokens with the same seed twice: once with the cache, once without. Same text?
+
+# %% tags=["exercise"]
+runs = [model.generate(prompt, max_new_tokens=100, do_sample=True, temperature=0.8, top_k=50, use_cache=use,
+                       generator=torch.Generator().manual_seed(1)) for use in (True, False)]
+print("same tokens:", torch.equal(*runs))
+
+# %% [markdown]
+# <details><summary>Answer</summary>
+#
+# The same tokens. Both runs compute the same logits (up to a rounding difference of about
+# $10^{-6}$) and draw from the generator in the same order, one draw per step, so every draw
+# lands on the same token. The cache changes the cost, not the distribution -- and with a shared
+# seed, not even the draws. Only a draw that falls within $10^{-6}$ of a boundary between two
+# tokens could differ, which is why the checks compare logits with a tolerance.
+# </details>

@@ -75,17 +75,26 @@ def printable(text: str) -> str:
 prompt = "To be, or not to be, th"
 logits = next_token_logits(prompt)
 probs = logits.softmax(-1)[0]
-top = probs.topk(8).indices.tolist()  # the tokens every plot below shows, in this order
+# The tokens every plot below shows, most likely first: the bytes Hamlet has after this context
+# (at most 8). The others only have their share of the uniform tail; they go into one "rest" bar.
+top = [t for t in probs.topk(8).indices.tolist() if probs[t] > 2 * TAIL / 256]
 print(f"after {prompt!r}:")
-print("  ".join(f"{label(t)} {probs[t]:.3f}" for t in top[:8]), f"...  ({(probs > 0).sum()} tokens > 0)")
+print("  ".join(f"{label(t)} {probs[t]:.3f}" for t in top), f"  rest {1 - probs[top].sum():.3f} "
+      f"({(probs > 0).sum() - len(top)} other tokens)")
 
 
 def plot_probs(ax, p, title):
-    """Bars of p (vocab,) for the `top` tokens, plus one grey bar for the mass of all others."""
+    """Bars of p (vocab,) for the `top` tokens, plus one grey bar for the mass of all others;
+    an x marks a token the filters removed (probability 0)."""
     shown = p[top]
+    rest = 1 - shown.sum().item()
     ax.bar(range(len(top)), shown.tolist())
-    ax.bar(len(top), 1 - shown.sum().item(), color="grey")
+    ax.bar(len(top), rest, color="grey")
+    removed = [i for i, t in enumerate(top) if p[t] == 0] + ([len(top)] if rest < 1e-6 else [])
+    if removed:
+        ax.plot(removed, [0] * len(removed), "x", color="tab:red", clip_on=False)
     ax.set_xticks(range(len(top) + 1), [label(t) for t in top] + ["rest"], fontsize=8)
+    ax.set_xlabel("next byte (x = removed)", fontsize=8)
     ax.set_title(f"{title}\n{int((p > 0).sum())} tokens possible", fontsize=9)
 
 
@@ -95,8 +104,8 @@ ax.set_ylabel("probability")
 plt.show()
 
 # %% [markdown]
-# The grey "rest" bar is the long tail: some 240 bytes that almost never follow " th" in
-# *Hamlet*, each with a tiny probability, together a few percent. Sampling from this
+# The grey "rest" bar is the long tail: the 249 bytes that never follow " th" in *Hamlet*,
+# each with a tiny probability, together the 2% we mixed in. Sampling from this
 # distribution as it is would pick one of them every few dozen tokens.
 #
 # ## Greedy
@@ -166,7 +175,7 @@ n_kept = int((nucleus[0] > float("-inf")).sum())
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3))
 ax1.plot(range(1, 21), cumulative[:20].tolist(), "o-")
 ax1.axhline(p, color="red", linestyle="--", label=f"p = {p}")
-ax1.axvline(n_kept, color="grey", linestyle=":")
+ax1.axvline(n_kept, color="grey", linestyle=":", label=f"{n_kept} tokens kept")
 ax1.set_xlabel("number of most likely tokens kept")
 ax1.set_ylabel("cumulative probability")
 ax1.set_xticks(range(0, 21, 2))
@@ -181,11 +190,11 @@ print(f"top-p {p} keeps the {n_kept} most likely tokens: {[label(t) for t in top
 #
 # `process_logits(logits, temperature, top_k, top_p)` applies temperature, then top-k, then
 # top-p (the order of Hugging Face `transformers` and vLLM). Here $T = 1.5$ flattens the
-# distribution (and fattens the tail), top-k keeps the 8 best tokens, and top-p then drops
-# the ones of those 8 that are not needed to reach 90% of *their* mass:
+# distribution (and fattens the tail), top-k keeps the 6 best tokens, and top-p then drops
+# the ones of those 6 that are not needed to reach 90% of *their* mass:
 
 # %%
-T, k, p = 1.5, 8, 0.9
+T, k, p = 1.5, 6, 0.9
 steps = [("raw", logits)]
 steps.append((f"temperature {T}", process_logits(logits, temperature=T)))
 steps.append((f"then top-k {k}", process_logits(logits, temperature=T, top_k=k)))
@@ -226,7 +235,7 @@ settings = {
     "temperature 0.7": dict(do_sample=True, temperature=0.7),
     "top-k 5": dict(do_sample=True, top_k=5),
     "top-p 0.9": dict(do_sample=True, top_p=0.9),
-    "T 1.5, top-k 8, top-p 0.9": dict(do_sample=True, temperature=1.5, top_k=8, top_p=0.9),
+    "T 1.5, top-k 6, top-p 0.9": dict(do_sample=True, temperature=1.5, top_k=6, top_p=0.9),
 }
 generator = torch.Generator().manual_seed(0)
 print(f"{'setting':27s} {'tokens kept':>11s} {'max |freq - prob|':>18s} {'draws outside':>14s}")
@@ -245,10 +254,13 @@ print("SAMPLING CHECK PASSED")
 
 # %%
 fig, ax = plt.subplots()
-x = torch.arange(len(top))
-ax.bar(x - 0.2, expected[top].tolist(), width=0.4, label="probability")
-ax.bar(x + 0.2, observed[top].tolist(), width=0.4, label=f"frequency in {N:,} draws")
-ax.set_xticks(x.tolist(), [label(t) for t in top])
+kept_tokens = [t for t in top if expected[t] > 0]  # the last setting's survivors (nothing else was drawn)
+x = torch.arange(len(kept_tokens))
+ax.bar(x - 0.2, expected[kept_tokens].tolist(), width=0.4, label="probability")
+ax.bar(x + 0.2, observed[kept_tokens].tolist(), width=0.4, label=f"frequency in {N:,} draws")
+ax.set_xticks(x.tolist(), [label(t) for t in kept_tokens])
+ax.set_xlabel("next byte (the tokens the filters keep)")
+ax.set_ylabel("probability / frequency")
 ax.set_title(name, fontsize=10)
 ax.legend()
 plt.show()
@@ -284,3 +296,61 @@ runs = [model.generate(prompt_ids, max_new_tokens=20, do_sample=True, temperatur
                        generator=torch.Generator().manual_seed(7)) for _ in range(2)]
 print("same seed, same tokens:", torch.equal(runs[0], runs[1]))
 print(runs[0][0, prompt_ids.shape[1]:].tolist())
+
+# %% [markdown]
+# ## Exercises: predict, then run
+#
+# Write your prediction down before you run each cell; the answer is folded below it.
+#
+# **1.** Sample 1,000 tokens after " th" with `top_k=1` and a *high* temperature, 2.0. Which
+# tokens come out, and how often?
+
+# %% tags=["exercise"]
+draws = sample_next_token(logits.expand(1000, -1), do_sample=True, temperature=2.0, top_k=1,
+                          generator=torch.Generator().manual_seed(0))
+print(Counter(label(t) for t in draws.tolist()))
+
+# %% [markdown]
+# <details><summary>Answer</summary>
+#
+# "e", 1,000 times out of 1,000. Top-k with $k = 1$ keeps one token, and softmax over one
+# token gives it probability 1 whatever the temperature did to the logits before: this is
+# greedy decoding. Temperature rescales logits; it never reorders them, so it cannot change
+# *which* token is the top one.
+# </details>
+#
+# **2.** How many tokens does top-p 0.9 keep after temperature 0.5, 1.0 and 2.0? Which
+# temperature keeps the most?
+
+# %% tags=["exercise"]
+for T in (0.5, 1.0, 2.0):
+    print(f"temperature {T}: top-p 0.9 keeps {survivors(process_logits(logits, temperature=T, top_p=0.9))} tokens")
+
+# %% [markdown]
+# <details><summary>Answer</summary>
+#
+# The higher the temperature, the more tokens survive (the printed counts grow with $T$). A low
+# temperature piles the mass onto "e", which alone comes close to 90%; a high temperature
+# spreads it out, so reaching 90% takes many tokens -- at $T = 2$ a good part of the tail.
+# Top-p adapts to the shape of the distribution it is *given*, after temperature.
+# </details>
+#
+# **3.** Top-k 3 then top-p 0.8, or top-p 0.8 then top-k 3: do the two orders keep the same
+# tokens?
+
+# %% tags=["exercise"]
+k_then_p = top_p_filter(top_k_filter(logits, 3), 0.8)
+p_then_k = top_k_filter(top_p_filter(logits, 0.8), 3)
+for name, z in (("top-k 3, then top-p 0.8", k_then_p), ("top-p 0.8, then top-k 3", p_then_k)):
+    print(f"{name}: keeps {[label(t) for t in probs.argsort(descending=True).tolist() if z[0, t] > float('-inf')]}")
+
+# %% [markdown]
+# <details><summary>Answer</summary>
+#
+# No: the first order keeps one token fewer. Top-p measures mass *relative to what it is given*.
+# After top-k, the 3 survivors are renormalised to sum to 1, each larger than before, so "e"
+# and "i" alone reach 80% (0.573 + 0.146 = 0.719 of the full distribution, but 0.85 of the
+# three). On the full distribution the third token is needed to pass 80%. This is why `process_logits` fixes one order (temperature, top-k, top-p, as
+# Hugging Face and vLLM do), and why two libraries with the same knobs can still sample
+# differently.
+# </details>

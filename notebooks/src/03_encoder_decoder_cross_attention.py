@@ -11,12 +11,14 @@
 #   computed **once**, on the first step, and reused on every later step.
 #
 # `kv_cache.EncoderDecoderCache` holds both halves. We train a small model to reverse
-# sequences, then watch both caches step by step and count the projections each step runs.
+# sequences, then watch both caches step by step, count the projections each step runs, and
+# look at what the cross-attention reads from its cache.
 
 # %%
 import time
 from collections import Counter
 
+import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +29,7 @@ from transformer.data import BOS_ID, EOS_ID, PAD_ID, exact_match, make_seq2seq_b
 torch.manual_seed(0)
 # A tiny model: one thread is faster than two for matrices this small.
 torch.set_num_threads(1)
+plt.rcParams.update({"figure.figsize": (6, 3.2), "figure.dpi": 80})
 
 # %% [markdown]
 # ## The task: reverse a sequence
@@ -122,8 +125,9 @@ def decode_step(tokens, cache):
 
 
 def decode_by_hand(cache):
-    """Greedy decoding until EOS; prints the table and returns (tokens, per-step counts)."""
-    tokens, per_step = torch.tensor([[BOS_ID]]), []
+    """Greedy decoding until EOS; prints the table and returns (tokens, per-step counts,
+    per-step (self, cross) cache lengths)."""
+    tokens, per_step, lengths = torch.tensor([[BOS_ID]]), [], []
     print("                           summed over both layers:")
     print("step  token  self len  cross len  cross kv_proj calls  self-attention rows")
     with torch.no_grad():
@@ -134,15 +138,28 @@ def decode_by_hand(cache):
             tokens = torch.cat([tokens, next_token], dim=1)
             self_len = cache.get_seq_length() if cache is not None else "-"
             cross_len = cache.get_cross_seq_length() if cache is not None else "-"
+            lengths.append((self_len, cross_len))
             print(f"{step:4d}  {next_token.item():5d}  {self_len:>8}  {cross_len:>9}  "
                   f"{counts['cross kv_proj calls']:19d}  {counts['self-attention rows']:19d}")
             if next_token.item() == EOS_ID:
-                return tokens, per_step
+                return tokens, per_step, lengths
 
 
 print("with an EncoderDecoderCache:")
 cache = EncoderDecoderCache()  # a DynamicKVCache for each half
-with_cache, cached_counts = decode_by_hand(cache)
+with_cache, cached_counts, cached_lengths = decode_by_hand(cache)
+
+# %%
+steps = range(len(cached_lengths))
+plt.step(steps, [s for s, _ in cached_lengths], "o-", where="mid", label="self-attention cache (decoder tokens)")
+plt.step(steps, [c for _, c in cached_lengths], "s--", where="mid", label="cross-attention cache (source tokens)")
+plt.xlabel("decoding step")
+plt.ylabel("tokens stored after the step")
+plt.ylim(0, max(max(pair) for pair in cached_lengths) + 1)
+plt.title("The two halves of an EncoderDecoderCache", fontsize=10)
+plt.grid(alpha=0.3)
+plt.legend(fontsize=8, loc="lower right")
+plt.show()
 
 # %% [markdown]
 # The self-attention length grows by one per step; the cross-attention length is the source
@@ -152,7 +169,7 @@ with_cache, cached_counts = decode_by_hand(cache)
 
 # %%
 print("without a cache:")
-without_cache, uncached_counts = decode_by_hand(None)
+without_cache, uncached_counts, _ = decode_by_hand(None)
 print("same tokens:", torch.equal(with_cache, without_cache))
 assert torch.equal(with_cache, without_cache)
 
@@ -185,6 +202,68 @@ for layer in range(cfg.n_layers):
 # (A `DynamicKVCache` allocates room for 64 tokens on a layer's first write, so it holds more
 # than it uses; a `StaticKVCache` of the exact source length would not.)
 #
+# ## What the decoder reads from the cross-attention cache
+#
+# The cross-attention keys and values are fixed, but each step asks them a new question: its
+# query. The attention weights $\operatorname{softmax}(q_t K^\top / \sqrt{d})$ say which source
+# tokens step $t$ reads. We recompute them from the layer's own projections (a hook catches the
+# input of each decoder layer's cross-attention) for the example decoded above, averaged over
+# the 4 heads. A model that reverses should read the source back to front.
+
+# %%
+def cross_attention_weights(src, src_mask, tokens):
+    """Head-averaged cross-attention weights of every decoder layer, ``(steps, source tokens)``
+    each, when the decoder reads ``tokens`` (BOS + outputs) for the source ``src`` ``(1, S)``."""
+    weights = {}
+
+    def catch(layer):
+        def hook(module, args, kwargs):
+            x, mask = args[0], kwargs["mask"]  # mask: (1, 1, 1, S), True = a real source token
+            q = module.q_proj(x).view(1, x.shape[1], module.n_heads, module.head_dim).transpose(1, 2)
+            k = module.project_kv(kwargs["memory"])[0].transpose(1, 2)
+            scores = (q @ k.transpose(-1, -2)) / module.head_dim ** 0.5
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            weights[layer] = scores.softmax(-1)[0].mean(0)  # (steps, S)
+        return hook
+
+    hooks = [block.cross_attn.register_forward_pre_hook(catch(i), with_kwargs=True)
+             for i, block in enumerate(model.decoder.blocks)]
+    with torch.no_grad():
+        model.decode(tokens, model.encode(src, src_mask), src_mask=src_mask)
+    for h in hooks:
+        h.remove()
+    return weights
+
+
+weights = cross_attention_weights(src, src_mask, with_cache[:, :-1])  # every step's input: BOS + outputs
+source_labels = [str(t) for t in src[0].tolist()]
+output_labels = [str(t) for t in with_cache[0, 1:].tolist()]
+fig, axes = plt.subplots(1, len(weights), figsize=(9, 4), sharey=True)
+for layer, ax in zip(weights, axes):
+    image = ax.imshow(weights[layer], cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(source_labels)), source_labels)
+    ax.set_yticks(range(len(output_labels)), output_labels)
+    ax.set_xlabel("source token (2 = EOS)")
+    ax.set_title(f"decoder layer {layer}", fontsize=10)
+axes[0].set_ylabel("token written at this step")
+fig.colorbar(image, ax=axes, label="attention weight (mean of 4 heads)", shrink=0.8)
+plt.show()
+
+n_symbols = int(src_mask.sum()) - 1  # the source without its EOS
+last = weights[len(weights) - 1]
+mirrored = sum(int(last[t].argmax()) == n_symbols - 1 - t for t in range(n_symbols))
+print(f"last layer: {mirrored} of the {n_symbols} symbol-writing steps look hardest at the mirrored source "
+      f"position (step t -> position {n_symbols - 1} - t)")
+assert mirrored >= 0.75 * n_symbols
+
+# %% [markdown]
+# The last layer draws the anti-diagonal of a reversal: to write output $t$ it looks at source
+# position $n - 1 - t$, the symbol it copies (the printed count says for how many steps it is
+# the strongest weight). The first layer spreads its weight more evenly: it gathers context
+# the second layer uses to find its place. None of this needs the memory again after step 0 --
+# every row of these maps is one query against the same cached keys.
+#
 # ## Cached and uncached generation agree, for all 500 problems
 #
 # `generate` does the same as our loop for a whole batch. We compare the cache-free reference
@@ -216,9 +295,63 @@ print("EQUIVALENCE CHECK PASSED")
 # * An encoder-decoder decoder keeps two caches per layer: self-attention keys/values grow by
 #   one token per step; cross-attention keys/values of the memory are computed on the first
 #   step and only read afterwards.
-# * `EncoderDecoderCache` bundles them: `update` / `get_seq_length` / `crop` act on the
+# * `EncoderDecoderCache` bundles them: `update` / `get_seq_length` / `crop` / `rollback` act on the
 #   self-attention half, `has_cross` / `set_cross` / `get_cross` / `get_cross_seq_length` on
 #   the cross-attention half, and batch operations (`reorder_cache`, `batch_select_indices`)
 #   on both, since both are indexed by batch row.
 # * Caching changes the cost, not the result: cached and uncached decoding give the same
 #   tokens and the same logits up to float rounding.
+#
+# ## Exercises: predict, then run
+#
+# Write your prediction down before you run each cell; the answer is folded below it.
+#
+# **1.** Decode a second source B with the cache left over from source A, after resetting only
+# its *self-attention* half, and passing B's own memory to every step. What comes out?
+
+# %% tags=["exercise"]
+def greedy(src, src_mask, cache):
+    """Greedy decoding by hand, one token per step through `cache`, until EOS."""
+    memory_of_src, tokens = model.encode(src, src_mask), torch.tensor([[BOS_ID]])
+    with torch.no_grad():
+        while tokens[0, -1] != EOS_ID and tokens.shape[1] <= MAX_LEN + 1:
+            logits = model.decode(tokens[:, -1:], memory_of_src, src_mask=src_mask, cache=cache)
+            tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return tokens[0, 1:].tolist()
+
+
+b = next(i for i in range(1, 500) if bool(test.src_mask[i].all()) and not torch.equal(test.src[i], src[0]))
+a_cache = EncoderDecoderCache()
+print("source A:", src[0].tolist(), "-> output", greedy(src, src_mask, a_cache))
+a_cache.self_attention_cache.reset()
+print("source B:", test.src[b].tolist(), "-> output", greedy(test.src[b:b + 1], test.src_mask[b:b + 1], a_cache))
+
+# %% [markdown]
+# <details><summary>Answer</summary>
+#
+# The reverse of **A** again. The cross-attention half still holds A's keys and values, and
+# once a layer's cross keys are cached the model reads them instead of projecting the memory it
+# is given (`has_cross` is true), so B's memory is ignored. Only a full `cache.reset()` (or a
+# new cache) starts a new source. Caches trade recomputation for state, and state must be
+# invalidated when its input changes.
+# </details>
+#
+# **2.** A source of 5 symbols (plus EOS). Which source position does the last layer look at
+# hardest while the model writes its *first* output symbol, and while it writes its *last*?
+
+# %% tags=["exercise"]
+five = next(i for i in range(500) if int(test.src_mask[i].sum()) == 6)
+five_src, five_mask = test.src[five:five + 1], test.src_mask[five:five + 1]
+written = model.generate(five_src, max_length=MAX_LEN + 2, temperature=0)[:, :7]  # BOS + 5 symbols + EOS
+last_layer = cross_attention_weights(five_src, five_mask, written[:, :-1])[len(model.decoder.blocks) - 1]
+print("source:", five_src[0].tolist(), "output:", written[0, 1:].tolist())
+print("strongest source position per step:", last_layer.argmax(-1).tolist())
+
+# %% [markdown]
+# <details><summary>Answer</summary>
+#
+# Position 4 for the first symbol and position 0 for the last (the printed list should run
+# 4, 3, 2, 1, 0 and then somewhere for the EOS step): output $t$ of a reversal is source symbol
+# $n - 1 - t$, wherever the padding of the batch put the source's end. The attention map is
+# relative to the source's length, which the model only learns from where EOS sits.
+# </details>

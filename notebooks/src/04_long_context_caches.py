@@ -247,7 +247,11 @@ assert torch.allclose(nll["dense"][:context], nll["sinks"][:context], atol=1e-4)
 #
 # `QuantizedKVCache` keeps every token but in few bits: each head vector is cut into groups of
 # `group_size` numbers; a group stores its minimum and step in float16 and each number as an
-# integer code, so the error is at most half a step. The 32 newest tokens stay exact.
+# integer code, so the error is at most half a step. The newest `residual_length` tokens stay
+# exact. First on random numbers, then inside the model: the 512 Macbeth tokens from above, as 16
+# windows of 32 read token by token (one batch of 16 rows) through a quantized cache, against
+# the model without a cache. The top-1 token can only change where the uncached model's two
+# best logits are closer together than the errors, so we also print that gap (the *margin*).
 
 # %%
 x = torch.randn(4, 64)
@@ -258,20 +262,95 @@ for nbits in (8, 4, 2):
     print(f"{nbits}-bit: {packed.numel() + 2 * step.numel() * 2:4d} bytes for 256 floats ({256 * 4} bytes), "
           f"largest error {err.max():.4f}")
 
-window = stream[None, :context]
-reference = model(window)
-for nbits in (8, 4):
+windows = stream[:16 * context].view(16, context)
+with torch.inference_mode():
+    reference = model(windows)  # (16, 32, vocab), no cache
+best_two = reference.topk(2, dim=-1).values
+margin = best_two[..., 0] - best_two[..., 1]  # how far the top token is ahead of the runner-up
+print(f"reference: {margin.numel()} positions, median margin top-1 vs top-2 {margin.median():.4f}")
+flips, errors, widest_flip = {}, {}, {}
+for nbits in (8, 4, 2):
     cache = QuantizedKVCache(nbits=nbits, group_size=16, residual_length=4)
     with torch.inference_mode():
-        got = torch.cat([model(window[:, t:t + 1], cache=cache) for t in range(context)], dim=1)
-    agree = (got.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    print(f"{nbits}-bit cache: largest logit error {(got - reference).abs().max():.3f} "
-          f"(logits spread {reference.std():.1f}), same top-1 token {agree:.0%}")
-    assert agree > 0.9
+        got = torch.cat([model(windows[:, t:t + 1], cache=cache) for t in range(context)], dim=1)
+    error = (got - reference).abs().max().item()
+    flipped = got.argmax(-1) != reference.argmax(-1)
+    flips[nbits], errors[nbits] = int(flipped.sum()), error
+    widest_flip[nbits] = margin[flipped].max().item() if flipped.any() else 0.0
+    widest = f"largest margin among them {margin[flipped].max():.4f}" if flipped.any() else "none"
+    print(f"{nbits}-bit cache: largest logit error {error:.3f}, top-1 token changed at {flips[nbits]:3d} of "
+          f"{flipped.numel()} positions ({widest})")
+    # A flip needs the errors of the two logits to close the gap: margin < 2 x largest error.
+    assert not flipped.any() or margin[flipped].max() < 2 * error
+assert errors[8] < errors[4] < errors[2] and flips[8] <= flips[4] <= flips[2] and flips[4] < 0.05 * margin.numel()
+assert max(widest_flip[8], widest_flip[4]) < margin.median() < errors[2]  # what the text below says
 print("LONG CONTEXT CHECKS PASSED")
 
 # %% [markdown]
-# 8-bit keys and values barely move the logits; 4-bit moves them more, still rarely enough to
-# change the top token. The measured memory saving, logit error and perplexity change on the
-# default model, and what the dequantization costs in speed, are in the README's long-context
-# section (`python -m benchmarks.long_context_benchmark`).
+# Fewer bits, larger errors: the quantization step grows from $1/255$ of a group's range (8
+# bits) to $1/15$ (4 bits) and $1/3$ (2 bits), and the printed logit errors grow with it. The
+# top token is more robust than the error suggests: it changes only where the model was
+# undecided. With 8 and 4 bits the printed margins at the flipped positions sit far below the
+# median margin, and flips are rare; at 2 bits the error is larger than a typical margin, and
+# flips are no longer rare. Top-1 agreement is a coarse measure, though: the probabilities of
+# *every* token move with the error, which perplexity sees. The measured memory saving, logit error and perplexity
+# change on the default model, and what the dequantization costs in speed, are in the README's
+# long-context section (`python -m benchmarks.long_context_benchmark`, run from a clone of
+# the repository).
+#
+# ## Exercises: predict, then run
+#
+# Write your prediction down before you run each cell; the answer is folded below it.
+#
+# **1.** Feed 100 tokens, one per step, into `SinkKVCache(3, 9)`. Which absolute positions
+# does it hold at the end?
+
+# %% tags=["exercise"]
+sink_cache = SinkKVCache(3, 9)
+for t in range(100):
+    x = torch.randn(1, 1, 1, 4)
+    sink_cache.update(x, x, 0)
+print(sorted(sink_cache.stored_positions(0).tolist()))
+
+# %% [markdown]
+# <details><summary>Answer</summary>
+#
+# `[0, 1, 2, 91, 92, ..., 99]`: the 3 sinks never leave, and the window holds the 9 newest
+# tokens. Its memory is the same as after 12 tokens -- and as after a million.
+# </details>
+#
+# **2.** Give `LinearKVCache(12)` an importance score that grows with the position (newer =
+# more important). What does it keep after 50 steps?
+
+# %% tags=["exercise"]
+linear = LinearKVCache(12)
+for t in range(50):
+    x = torch.randn(1, 1, 1, 4)
+    linear.update(x, x, 0, importance=torch.tensor(float(t)).view(1, 1, 1))
+print(sorted(linear.key_positions(0)[0, 0].tolist()))
+
+# %% [markdown]
+# <details><summary>Answer</summary>
+#
+# Positions 38 to 49, the 12 newest: with importance = recency, "keep the most important" *is*
+# a sliding window. The policies differ only in the score they rank tokens by.
+# </details>
+#
+# **3.** In section 1, 4-bit storage took 10.5 MiB at 4,096 tokens. How much does 2-bit take?
+
+# %% tags=["exercise"]
+two_bit = QuantizedKVCache(nbits=2, group_size=32, residual_length=32)
+for _ in range(4096 // 256):
+    for layer in range(layers):
+        k, v = torch.randn(1, heads, 256, head_dim), torch.randn(1, heads, 256, head_dim)
+        two_bit.update(k, v, layer)
+print(f"2-bit: {two_bit.memory_bytes() / 2**20:.2f} MiB, 4-bit: {memory['quantized 4-bit'][-1]:.2f} MiB")
+
+# %% [markdown]
+# <details><summary>Answer</summary>
+#
+# About 6.5 MiB: more than half of 4-bit's 10.5. The codes halve (2 bits instead of 4 per
+# number), but each group of 32 numbers still stores its minimum and step in float16 (4 bytes
+# per 32 numbers, the same at every bit width), and the newest 32 tokens stay in float32.
+# Below some bit width, the overhead is the memory.
+# </details>

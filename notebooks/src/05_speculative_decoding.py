@@ -2,10 +2,12 @@
 # # Speculative decoding: guess cheaply, verify in one pass
 #
 # With a KV cache, decoding one token costs one forward pass of the model, and the passes are
-# *sequential*: token $t+1$ needs token $t$. For a small batch on real hardware such a pass is
-# limited by reading the weights, not by arithmetic, so a pass over 5 tokens costs about as
-# much as a pass over 1. Speculative decoding (Leviathan et al. 2023; Chen et al. 2023) turns
-# that spare capacity into speed:
+# *sequential*: token $t+1$ needs token $t$. A pass over several tokens costs much less than
+# that many passes over one: the fixed costs of a pass (reading every weight from memory,
+# launching every kernel, the Python around them) are paid once, however many tokens go
+# through. For a small batch on a GPU they dominate, and a pass over 5 tokens costs little more
+# than a pass over 1; below we measure the ratio on this machine. Speculative decoding
+# (Leviathan et al. 2023; Chen et al. 2023) turns that spare capacity into speed:
 #
 # 1. a cheap **drafter** guesses the next $k$ tokens, one at a time;
 # 2. the expensive **target** model scores all $k$ guesses in **one** forward pass over its cache;
@@ -49,6 +51,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.colors import ListedColormap
+from matplotlib.patches import Patch
 
 from spec_decoding import (PromptLookupDrafter, SpecDecodingPair, SpeculativeDecoder, find_ngram_continuation,
                            format_stats, make_demo_pair, position_output_distribution, residual_distribution,
@@ -81,7 +84,7 @@ def pass_ms(model, n_tokens, repeats=30):
             start = time.perf_counter()
             model(prompt[:, :n_tokens], cache=cache)
             times.append(time.perf_counter() - start)
-            cache.crop(prompt.shape[1])
+            cache.rollback(prompt.shape[1])
     return 1e3 * float(np.median(times))
 
 
@@ -90,6 +93,14 @@ print(f"target: {sum(p.numel() for p in target.parameters()) / 1e6:.2f}M params,
       f"draft: {sum(p.numel() for p in draft.parameters()) / 1e6:.2f}M params")
 print(f"one target pass: {t1:.2f} ms for 1 token, {t5:.2f} ms for 5 tokens; one draft pass: {d1:.2f} ms "
       f"(cost ratio c = {d1 / t1:.2f})")
+print(f"5 tokens in one pass cost {t5 / t1:.1f}x one token; 5 one-token passes would cost 5.0x")
+
+# %% [markdown]
+# The last line is the lever. Checking 4 guesses takes one target pass over 5 tokens instead of
+# 5 passes over 1: the printed ratio, against 5.0, is what a fully accepted round saves in
+# target time. (These are medians of 30 timings on a shared CPU, so the ratio moves by a few
+# tenths between runs; on a GPU it is closer still to 1.) The draft's cost relative to the
+# target, $c$, is the other half of the bill.
 
 # %% [markdown]
 # ## One round, phase by phase
@@ -113,7 +124,7 @@ print(f"-> accepted {n} draft(s), then the target's token {token}: {n + 1} token
 # ## Greedy: the same tokens as the target, in fewer target passes
 #
 # `speculative_generate` runs the real loop: both models decode from their own KV caches, and
-# after every round both caches are cut back (`crop`) to the accepted tokens. At temperature 0
+# after every round both caches are cut back (`rollback`) to the accepted tokens. At temperature 0
 # the output must equal `target.generate` exactly.
 
 # %%
@@ -151,16 +162,21 @@ for i, r in enumerate(rounds):
     else:
         labels[i][r.accepted] = f"{r.proposed[r.accepted]}→{last}"
 
-fig, ax = plt.subplots(figsize=(6, 0.28 * len(rounds) + 0.8))
-cmap = ListedColormap(["white", "#8fd18f", "#f08080", "#d9d9d9", "#87b8e8"])
-ax.imshow(grid, cmap=cmap, vmin=0, vmax=4, aspect="auto")
+fig, ax = plt.subplots(figsize=(6.5, 0.28 * len(rounds) + 1.4))
+palette = ["white", "#8fd18f", "#f08080", "#d9d9d9", "#87b8e8"]
+ax.imshow(grid, cmap=ListedColormap(palette), vmin=0, vmax=4, aspect="auto")
 for i in range(len(rounds)):
     for j in range(K):
         ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=7)
 ax.set_xticks(range(K), [f"draft {j}" for j in range(K - 1)] + ["bonus"], fontsize=8)
-ax.set_yticks(range(len(rounds)), [f"round {i}" for i in range(len(rounds))], fontsize=7)
-ax.set_title("green kept, red rejected (→ target's token), grey discarded, blue bonus", fontsize=9)
-plt.tight_layout()
+ax.set_yticks(range(len(rounds)), [str(i) for i in range(len(rounds))], fontsize=7)
+ax.set_xlabel("position in the round (token ids)", fontsize=9)
+ax.set_ylabel("round", fontsize=9)
+fig.legend(handles=[Patch(facecolor=palette[kind], edgecolor="0.5", label=text) for kind, text in
+                    [(ACCEPTED, "accepted"), (REJECTED, "rejected → target's token"),
+                     (DISCARDED, "discarded unchecked"), (BONUS, "bonus")]],
+           loc="lower center", ncol=4, fontsize=7, frameon=False)
+fig.tight_layout(rect=(0, 0.06, 1, 1))
 plt.show()
 print(format_stats(dec.stats))
 
@@ -254,7 +270,9 @@ for temperature, rows in curves.items():
     ax2.plot(ks, rows[:, 1], "o-", color=line.get_color(), label=f"T={temperature:g} measured")
     ax2.plot(ks, theory * t1 / (verify_ms + k_arr * d1), "--", color=line.get_color(), label=f"theory, c={c:.2f}")
 ax1.set_title("tokens per target pass", fontsize=10)
+ax1.set_ylabel("tokens / target pass")
 ax2.set_title("wall-clock speedup vs target alone", fontsize=10)
+ax2.set_ylabel("speedup (x)")
 ax2.axhline(1, color="grey", lw=0.8)
 for ax in (ax1, ax2):
     ax.set_xlabel("draft length k")
@@ -264,10 +282,11 @@ plt.show()
 
 # %% [markdown]
 # The measured tokens per pass follow the simple formula (the guesses are not really
-# independent, and one seeded run per point is noisy). The speedup falls short of
-# "tokens per pass" because a draft pass is not free ($c > 0$) and a verification pass over
-# $k+1$ tokens costs a bit more than a one-token pass on a CPU (on a GPU it hardly does), plus
-# the bookkeeping between passes. Real draft models are 10-100x smaller than their targets, so
+# independent, and one seeded run per point is noisy; the speedups are medians of only 3
+# timings on a shared CPU, so read the shape of the curves, not single points). The speedup
+# falls short of "tokens per pass" because a draft pass is not free ($c > 0$) and a
+# verification pass over $k+1$ tokens costs more than a one-token pass on a CPU (the ratio
+# printed at the top; on a GPU it hardly does), plus the bookkeeping between passes. Real draft models are 10-100x smaller than their targets, so
 # $c$ is smaller than in this toy, and the best $k$ is larger.
 #
 # **Making it pay on a real machine.** The formula names the three levers, and the README's
@@ -346,3 +365,67 @@ for name, s in pair.get_comprehensive_stats().items():
         print(f"{name:18s} {s['cache_type']}: {s['seq_length']} tokens stored (capacity {s['max_cache_len']}), "
               f"{s['memory_bytes'] / 1024:.0f} KiB, {s['forward_passes']} passes")
 print(f"sequence length {out.shape[1]}; acceptance {pair.last_stats.acceptance_rate:.2f}")
+
+# %% [markdown]
+# ## Exercises: predict, then run
+#
+# Write your prediction down before you run each cell; the answer is folded below it.
+#
+# **1.** Use the target as its own draft (`speculative_generate(target, target, ...)`, greedy,
+# $k = 4$, 64 tokens). How many tokens per target pass?
+
+# %% tags=["exercise"]
+tokens, st = speculative_generate(target, target, prompt, 64, num_draft_tokens=4, eos_token_id=None)
+print("identical to target.generate:", torch.equal(tokens, reference))
+print(format_stats(st))
+
+# %% [markdown]
+# <details><summary>Answer</summary>
+#
+# Nearly 5 ($k + 1$): every guess is the target's own argmax, so every guess is accepted and
+# every round ends with a bonus token -- except the last round, which is cut short at 64
+# tokens. Acceptance is 100%, and it buys nothing: drafting now costs $k$ target passes per
+# round ($c = 1$), so a round of $k + 1$ tokens costs more than $k + 1$ plain steps. The
+# speedup needs $c \ll 1$ *and* a high $\alpha$.
+# </details>
+#
+# **2.** Sample at temperature 0.8 with seed 0, once with `target.generate` and once with
+# `speculative_generate`. Same tokens?
+
+# %% tags=["exercise"]
+plain = target.generate(prompt, 32, do_sample=True, temperature=0.8, generator=torch.Generator().manual_seed(0),
+                        eos_token_id=None)
+spec, _ = speculative_generate(target, draft, prompt, 32, num_draft_tokens=4, temperature=0.8, seed=0,
+                               eos_token_id=None)
+new = prompt.shape[1]
+print("plain:      ", plain[0, new:new + 12].tolist())
+print("speculative:", spec[0, new:new + 12].tolist())
+print("same tokens:", torch.equal(plain, spec))
+
+# %% [markdown]
+# <details><summary>Answer</summary>
+#
+# Different tokens. The guarantee is about the
+# *distribution*: each token comes from the target's $p$, but the two loops use their random
+# numbers differently (speculative decoding draws the drafts from $q$, an acceptance test per
+# guess and a residual sample), so one seed gives two different samples of the same
+# distribution. Only greedy decoding promises the identical sequence.
+# </details>
+#
+# **3.** Prompt lookup on the *random* target (not the looper), greedy, 48 tokens, $k = 6$.
+# Acceptance rate?
+
+# %% tags=["exercise"]
+tokens, st = speculative_generate(target, PromptLookupDrafter(max_ngram=3), prompt, 48, num_draft_tokens=6)
+print("identical to target.generate:", torch.equal(tokens, target.generate(prompt, 48)))
+print(format_stats(st))
+
+# %% [markdown]
+# <details><summary>Answer</summary>
+#
+# Zero, or close to it (the printed acceptance): the lookup still finds earlier occurrences of
+# the last token or two and proposes what followed them, but the random target does not repeat
+# itself, so what followed then is not what it says now. Every round yields about one token
+# per target pass -- plain decoding plus the cost of the failed guesses. The output is still
+# exactly `target.generate`'s: a bad drafter costs speed, never correctness.
+# </details>
