@@ -181,12 +181,12 @@ class _NaiveCatCache:
 
 
 def static_cache_class():
-    """``StaticKVCache`` if it can be imported (from ``kv_cache`` or ``kv_cache.static``), else ``None``."""
+    """``StaticKVCache`` if it can be imported (from ``kv_cache`` or ``kv_cache.basic.static``), else ``None``."""
     cls = getattr(kv_cache, "StaticKVCache", None)
     if cls is not None:
         return cls
     try:
-        from kv_cache.static import StaticKVCache
+        from kv_cache.basic.static import StaticKVCache
     except Exception:  # noqa: BLE001 -- any import problem means "not available"
         return None
     return StaticKVCache
@@ -304,7 +304,7 @@ def bench_decode(cfg: DecodeBenchConfig, model, prompt, hf, notes: List[str]) ->
     modes = list(cfg.modes)
     if "static" in modes and static_cache_class() is None:
         modes.remove("static")
-        notes.append("StaticKVCache is not importable (kv_cache.static): the 'static' rows were skipped.")
+        notes.append("StaticKVCache is not importable (kv_cache.basic.static): the 'static' rows were skipped.")
     rows = []
     for n in cfg.new_tokens:
         runners = [_our_runner(model, prompt, n, m, cfg) for m in modes]
@@ -414,7 +414,7 @@ def bench_appends(cfg: DecodeBenchConfig, notes: List[str]) -> List[Dict[str, An
         caches.append(("static", lambda cap: static_cls(max_cache_len=cap, num_layers=1, num_heads=heads,
                                                          head_dim=head_dim), lambda L: L))
     elif not any("StaticKVCache" in n for n in notes):
-        notes.append("StaticKVCache is not importable (kv_cache.static): the 'static' rows were skipped.")
+        notes.append("StaticKVCache is not importable (kv_cache.basic.static): the 'static' rows were skipped.")
     caches.append(("naive torch.cat", lambda cap: _NaiveCatCache(), lambda L: min(L, cfg.naive_window)))
 
     rows = []

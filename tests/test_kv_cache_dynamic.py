@@ -145,15 +145,21 @@ def test_package_exports_and_imports_nothing_but_torch_and_stdlib():
     assert set(kv_cache.__all__) >= {"Cache", "DynamicKVCache", "StaticKVCache", "SubStaticCache",
                                      "EncoderDecoderCache", "KVCache", "CacheCapacityError"}
     allowed = {"torch"} | set(sys.stdlib_module_names)  # DESIGN.md: kv_cache depends on torch only
-    for path in pathlib.Path(kv_cache.__file__).parent.glob("*.py"):
+    package = pathlib.Path(kv_cache.__file__).parent
+    paths = sorted(package.rglob("*.py"))
+    assert {p.parent.name for p in paths} >= {"basic", "long_context", "paged", "reference"}  # the subpackages are read
+    for path in paths:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 roots = {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 roots = {node.module.split(".")[0]}
+            elif isinstance(node, ast.ImportFrom):  # relative: must stay inside kv_cache
+                assert node.level <= len(path.relative_to(package).parts), f"{path} imports from outside kv_cache"
+                continue
             else:
                 continue
-            assert roots <= allowed, f"{path.name} imports {roots - allowed}"
+            assert roots <= allowed, f"{path.relative_to(package)} imports {roots - allowed}"
 
 
 @pytest.mark.parametrize("pos", [torch.tensor([3, 3]), torch.tensor([[0, 1], [2, 2]])])

@@ -104,7 +104,7 @@ def test_argument_errors_name_parameter_value_and_expectation():
     c = make()
     with pytest.raises(ValueError, match=r"attention_type='encoder' is not supported; expected one of \('self', 'cross'\)"):
         c.update_cache(0, "encoder", *kv(), 1)
-    with pytest.raises(IndexError, match=r"layer_idx=2 is out of range; expected 0 <= layer_idx < num_layers=2"):
+    with pytest.raises(IndexError, match=r"layer_idx=2 is out of range: this cache has num_layers=2 \(valid layer_idx 0\.\.1\)"):
         c.get_cached_kv(2, "self", 0)
     with pytest.raises(ValueError, match=r"k has shape \(2, 3, 1, 4\), expected \(batch <= 2, num_heads=2, s >= 1, d_k=4\)"):
         c.update_cache(0, "self", *kv(h=3), 1)

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from helpers import tiny_decoder
 from kv_cache import DynamicKVCache, QuantizedKVCache, dequantize, quantize
-from kv_cache.quantized import _pack, _unpack
+from kv_cache.long_context.quantized import _pack, _unpack
 
 
 @settings(max_examples=40, deadline=None)
@@ -102,7 +102,7 @@ def test_model_logits_teacher_forced(pos):
     (lambda: QuantizedKVCache(nbits=3), r"nbits must be one of \(2, 4, 8\).*got 3"),
     (lambda: QuantizedKVCache(nbits=16), "got 16"),
     (lambda: QuantizedKVCache(group_size=0), "group_size must be a positive int, got 0"),
-    (lambda: QuantizedKVCache(residual_length=-1), "residual_length must be an int >= 0, got -1"),
+    (lambda: QuantizedKVCache(residual_length=-1), "residual_length must be a non-negative int, got -1"),
     (lambda: QuantizedKVCache(group_size=32).update(torch.randn(1, 1, 1, 48), torch.randn(1, 1, 1, 48), 0),
      "group_size=32 must divide the head dim 48"),
     (lambda: quantize(torch.randn(4, 6), 4, 4), "dividing the last dim 6"),

@@ -119,8 +119,8 @@ def test_zero_sinks_is_a_plain_window_because_rope_is_relative():
 
 
 @pytest.mark.parametrize("args, match", [
-    ((-1, 4), "num_sink_tokens must be an int >= 0, got -1"), ((1.5, 4), "num_sink_tokens"),
-    ((2, 0), "window must be an int >= 1, got 0"), ((2, None), "window"),
+    ((-1, 4), "num_sink_tokens must be a non-negative int, got -1"), ((1.5, 4), "num_sink_tokens"),
+    ((2, 0), "window must be a positive int, got 0"), ((2, None), "window"),
 ])
 def test_invalid_sink_counts_and_windows(args, match):
     with pytest.raises(ValueError, match=match):
@@ -131,7 +131,7 @@ def test_generate_options_and_errors():
     model = tiny_decoder("mha", "rope")
     c = model.new_cache("sinks", num_sink_tokens=2, window=9)
     assert isinstance(c, SinkKVCache) and c.get_max_cache_shape() == 11
-    with pytest.raises(ValueError, match="num_sink_tokens must be an int >= 0"):
+    with pytest.raises(ValueError, match="num_sink_tokens must be a non-negative int"):
         model.generate(torch.zeros(1, 3, dtype=torch.long), 2, cache_implementation="sinks",
                        cache_config={"num_sink_tokens": -2})
     with pytest.raises(ValueError, match=r"\['nbits'\].*accepts \['num_sink_tokens', 'window'\]"):

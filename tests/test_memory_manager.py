@@ -203,7 +203,7 @@ def test_misses_for_unknown_cleared_and_evicted_ids_and_errors_for_never_seen_on
         cache.fork_sequence("a", "b")
     with pytest.raises(KeyError):
         cache.sequence_length("ghost")
-    with pytest.raises(IndexError, match="layer_id=2 is out of range: num_layers=2"):
+    with pytest.raises(IndexError, match="layer_id=2 is out of range: this cache has num_layers=2"):
         cache.get_cache(2, "a")
     with pytest.raises(ValueError, match=r"key has shape \(3, 3, 4\), expected"):
         cache.set_cache(0, "a", torch.zeros(3, 3, D), torch.zeros(3, 3, D))

@@ -119,7 +119,7 @@ def test_notebooks_import_only_the_core_dependencies_and_the_notebooks_extra():
     extra = project["project"]["optional-dependencies"]["notebooks"]
     assert "jupyter" in {_requirement_name(r) for r in extra}, "the notebooks extra must bring Jupyter"
     allowed = {_requirement_name(r) for r in project["project"]["dependencies"] + extra}
-    own = set(project["tool"]["setuptools"]["packages"])
+    own = {name for name in project["tool"]["setuptools"]["packages"]["find"]["include"] if "*" not in name}
     providers = importlib.metadata.packages_distributions()
     imported = set()
     for source in sorted((NOTEBOOKS / "src").glob("[0-9]*.py")):

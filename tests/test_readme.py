@@ -84,6 +84,17 @@ def test_the_mapping_tables_cite_tests():
     assert len(cited) > 20, "the reference-system mapping tables should cite the tests behind each name"
 
 
+# `kv_cache/basic/static.py`, `transformer/model.py`, `kv_cache/paged/`: a repository path in backticks.
+CODE_PATH = re.compile(r"`((?:kv_cache|transformer|spec_decoding|benchmarks|examples|notebooks)/[\w/.-]*)`")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_rel)
+def test_every_code_path_named_in_backticks_exists(page):
+    """A file that moves (``kv_cache`` is grouped in subpackages) must not leave a stale path behind."""
+    for path in CODE_PATH.findall(page.read_text(encoding="utf-8")):
+        assert (ROOT / path).exists(), f"{_rel(page)} names `{path}`, which does not exist"
+
+
 @pytest.mark.parametrize("page", PAGES, ids=_rel)
 def test_every_relative_link_points_to_something_that_exists(page):
     text = FENCE.sub("", page.read_text(encoding="utf-8"))

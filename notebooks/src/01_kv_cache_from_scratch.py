@@ -253,9 +253,9 @@ print(f"token {n}: uncached {n * (n + 1) // 2} scores and {n} key/value projecti
 # a rerun of the network.
 #
 # One shortcut of the toy: `torch.stack(K_cache)` copies the whole history at every step,
-# which is $O(t)$ again. The library's `DynamicKVCache` (`kv_cache/dynamic.py`) writes into a
+# which is $O(t)$ again. The library's `DynamicKVCache` (`kv_cache/basic/dynamic.py`) writes into a
 # buffer with spare room and doubles it when full, so an append costs $O(1)$ on average;
-# `StaticKVCache` (`kv_cache/static.py`) allocates the maximum length once.
+# `StaticKVCache` (`kv_cache/basic/static.py`) allocates the maximum length once.
 #
 # ## 4. A tiny Shakespeare model
 #

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Dict, Hashable, Iterable
 
-from .paged import BlockPool, SequenceState
+from .block_pool import BlockPool, SequenceState
 
 
 class CacheCounters:

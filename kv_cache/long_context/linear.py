@@ -18,11 +18,10 @@ Each batch row and each key/value head keeps its own set.  Ties in importance ar
 towards the newer token (the oldest of the least important is evicted), deterministically.
 Storage is not in time order; :meth:`LinearKVCache.key_positions` says which token is where.
 
-Two entry points:
-
-* :class:`LinearKVCache` -- the ``Cache`` interface, ``update(key, value, layer_idx,
-  importance=...)``; it is not used by ``transformer``'s models (they produce no importance).
-* :func:`linear_kv_cache_attention` -- the attention function of the reference API.
+:class:`LinearKVCache` implements the ``Cache`` interface, ``update(key, value, layer_idx,
+importance=...)``; it is not used by ``transformer``'s models (they produce no importance).
+The reference document's attention function over it, ``linear_kv_cache_attention``, lives with
+the other reference APIs in :mod:`kv_cache.reference.linear_attention`.
 """
 
 from __future__ import annotations
@@ -30,17 +29,11 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
-from .base import Cache, check_kv_pair, select_rows
+from ..basic.base import Cache, check_kv_pair, select_rows
+from ..validate import layer_index, positive_int
 
 Tensor = torch.Tensor
-
-
-def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class LinearKVCache(Cache):
@@ -71,9 +64,9 @@ class LinearKVCache(Cache):
 
     def __init__(self, keep_window_size: int = 2048, num_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, dtype: Optional[torch.dtype] = None, device=None):
-        self.keep_window_size = _positive("keep_window_size", keep_window_size)
-        self.num_heads = None if num_heads is None else _positive("num_heads", num_heads)
-        self.head_dim = None if head_dim is None else _positive("head_dim", head_dim)
+        self.keep_window_size = positive_int("keep_window_size", keep_window_size)
+        self.num_heads = None if num_heads is None else positive_int("num_heads", num_heads)
+        self.head_dim = None if head_dim is None else positive_int("head_dim", head_dim)
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
         self.dtype, self.device = dtype, None if device is None else torch.device(device)
@@ -91,8 +84,7 @@ class LinearKVCache(Cache):
         self._batch: Optional[int] = None
 
     def _grow(self, layer_idx: int) -> None:
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
-            raise ValueError(f"layer_idx must be a non-negative int, got {layer_idx!r}")
+        layer_index(layer_idx)
         while len(self._count) <= layer_idx:
             for lst in (self.keys, self.values, self.importance, self.positions):
                 lst.append(None)
@@ -247,7 +239,7 @@ class LinearKVCache(Cache):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat every row ``repeats`` times.  O(stored * repeats)."""
-        _positive("repeats", repeats)
+        positive_int("repeats", repeats)
         if self._batch is None:
             return
         for l, buf in enumerate(self.keys):
@@ -294,74 +286,3 @@ class LinearKVCache(Cache):
     def __repr__(self) -> str:
         return (f"LinearKVCache(keep_window_size={self.keep_window_size}, layers={len(self._count)}, "
                 f"batch={self._batch}, kept={self._count}, seen={self._given}, bytes={self.memory_bytes()})")
-
-
-def _biased_attention(query: Tensor, key: Tensor, value: Tensor, bias: Tensor, causal: bool) -> Tensor:
-    """``softmax(q . k / sqrt(D) + bias) v`` with GQA; ``bias`` ``(B, H_kv, S_q, S_k)``."""
-    G = query.shape[1] // key.shape[1]
-    mask = bias.to(query.dtype).repeat_interleave(G, dim=1)
-    if causal:
-        Sq, Sk = query.shape[2], key.shape[2]
-        future = torch.ones(Sq, Sk, dtype=torch.bool, device=query.device).triu(Sk - Sq + 1)
-        mask = mask.masked_fill(future, float("-inf"))
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=G > 1)
-
-
-def linear_kv_cache_attention(query: Tensor, key: Tensor, value: Tensor, bias: Tensor,
-                              cache: Optional[LinearKVCache] = None, keep_window_size: int = 2048,
-                              sequence_position: int = 0, inference_mode: bool = True, *, layer_idx: int = 0):
-    """Attention with an importance bias over the ``keep_window_size`` most important tokens.
-
-    Args:
-        query: ``(B, H_q, S_q, D)``; key ``(B, H_kv, S_k, D)``; value ``(B, H_kv, S_k, D_v)``
-            (``H_q`` a multiple of ``H_kv``: grouped-query attention).
-        bias: importance added to the scaled scores, broadcastable to ``(B, H_kv, S_q, S_k)``;
-            when decoding, ``(B, H_kv, 1, 1)``: the importance of the new key.
-        cache: a :class:`LinearKVCache` or ``None`` (one is created).
-        keep_window_size: tokens kept per (row, head); must match the cache's.
-        sequence_position: position of the (first) new token; must follow the cache's last one.
-        inference_mode: ``False`` runs plain attention (training) and leaves the cache alone.
-
-    Returns ``(output (B, H_q, S_q, D_v), cache)``.  One query (decoding): the new token joins
-    the cache, which keeps the top ``keep_window_size`` of all tokens so far, and the query
-    attends over exactly those -- equal to full attention restricted to that set.  Several
-    queries (a prompt) fall back to standard causal attention over the given keys; the tokens
-    are then added to an *empty* cache so decoding can continue.  Cost per decoding step:
-    ``O(keep_window_size)``, whatever the stream length.
-    """
-    for name, t in (("query", query), ("key", key), ("value", value), ("bias", bias)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be a 4-D (batch, heads, seq, dim) tensor, got {got}")
-    B, Hq, Sq, D = query.shape
-    Hkv, Sk = key.shape[1], key.shape[2]
-    if key.shape[0] != B or key.shape[3] != D or value.shape[:3] != key.shape[:3]:
-        raise ValueError(f"query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)} "
-                         f"must agree on batch, key/value heads, key length and head dim")
-    if Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
-    try:
-        bias = bias.expand(B, Hkv, Sq, Sk)
-    except RuntimeError:
-        raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to (batch, kv_heads, q_len, k_len)="
-                         f"{(B, Hkv, Sq, Sk)}") from None
-    if not inference_mode:
-        return _biased_attention(query, key, value, bias, causal=Sq > 1), cache
-    if cache is None:
-        cache = LinearKVCache(keep_window_size, num_heads=Hkv, head_dim=D, dtype=key.dtype, device=key.device)
-    elif not isinstance(cache, LinearKVCache):
-        raise TypeError(f"cache must be a LinearKVCache or None, got {type(cache).__name__}")
-    elif cache.keep_window_size != keep_window_size:
-        raise ValueError(f"keep_window_size={keep_window_size} differs from the cache's {cache.keep_window_size}")
-    if Sq > 1:
-        if cache.get_cache_info(layer_idx)["tokens_seen"]:
-            raise ValueError("a multi-token query over a non-empty LinearKVCache is not supported: feed the "
-                             "prompt first (empty cache), then one token at a time")
-        out = _biased_attention(query, key, value, bias, causal=True)
-        cache.update(key, value, layer_idx, sequence_position, importance=bias[:, :, -1, :])
-        return out, cache
-    if Sk != 1:
-        raise ValueError(f"a single query decodes one new token: key must hold 1 token, got {Sk}")
-    keys, values = cache.update(key, value, layer_idx, sequence_position, importance=bias[:, :, 0, :])
-    importance = cache.get_importance(layer_idx)[:, :, None, :]  # (B, H_kv, 1, n)
-    return _biased_attention(query, keys, values, importance, causal=False), cache

@@ -3,7 +3,7 @@ does when it is full.
 
 A serving system does not keep one cache per request: it keeps one *pool* of KV memory with a
 hard budget (``memory_limit_mb``) and lends it to many requests at once.  This file holds the
-numbers that size such a pool (:class:`~kv_cache.advanced.AdvancedKVCache`) and the choice of
+numbers that size such a pool (:class:`~kv_cache.paged.advanced.AdvancedKVCache`) and the choice of
 what to throw away when the budget is reached.
 
 Memory of one token, all layers, keys and values::
@@ -26,12 +26,14 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from ..validate import positive_int
+
 
 class EvictionPolicy(str, enum.Enum):
     """What the pool frees when a new block (or a new sequence slot) does not fit.
 
     ``NONE``
-        Never evict: a full pool raises :class:`~kv_cache.paged.PoolExhaustedError`.  Results
+        Never evict: a full pool raises :class:`~kv_cache.errors.PoolExhaustedError`.  Results
         are reproducible (nothing disappears behind your back).
     ``LRU``
         Free *whole sequences*, least recently used first.  A sequence is "used" by every
@@ -60,15 +62,9 @@ class EvictionPolicy(str, enum.Enum):
     ADAPTIVE = "adaptive"
 
 
-def _pos_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"CacheConfig.{name} must be a positive int, got {value!r}")
-    return value
-
-
 @dataclass
 class CacheConfig:
-    """Shape, budget and policy of an :class:`~kv_cache.advanced.AdvancedKVCache`.
+    """Shape, budget and policy of an :class:`~kv_cache.paged.advanced.AdvancedKVCache`.
 
     Attributes:
         max_batch_size: most sequences held at once (a new one beyond that evicts one, or
@@ -147,7 +143,7 @@ class CacheConfig:
         """Raise ``ValueError``/``TypeError`` naming the first field that cannot work."""
         for name in ("max_batch_size", "max_sequence_length", "embed_dim", "num_heads", "num_layers",
                      "block_size", "num_kv_heads", "head_dim", "max_remembered_ids"):
-            _pos_int(name, getattr(self, name))
+            positive_int(f"CacheConfig.{name}", getattr(self, name))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"CacheConfig.num_heads={self.num_heads} must be a multiple of num_kv_heads="
                              f"{self.num_kv_heads} (each key/value head serves a group of query heads)")
@@ -157,7 +153,7 @@ class CacheConfig:
             raise ValueError(f"CacheConfig.eviction_policy={self.eviction_policy!r} is not known; expected one of "
                              f"{[p.value for p in EvictionPolicy]}") from None
         if self.sliding_window_size is not None:
-            _pos_int("sliding_window_size", self.sliding_window_size)
+            positive_int("CacheConfig.sliding_window_size", self.sliding_window_size)
         if isinstance(self.memory_limit_mb, bool) or not isinstance(self.memory_limit_mb, (int, float)) \
                 or not math.isfinite(self.memory_limit_mb) or self.memory_limit_mb <= 0:
             raise ValueError(f"CacheConfig.memory_limit_mb must be a positive number of MiB, "

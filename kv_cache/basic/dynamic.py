@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from ..validate import positive_int
 from .base import BufferedCache
 
 
@@ -43,8 +44,7 @@ class DynamicKVCache(BufferedCache):
 
     def __init__(self, layout: str = "bhsd", initial_capacity: int = 64, growth_factor: float = 2.0):
         super().__init__(layout)
-        if not isinstance(initial_capacity, int) or initial_capacity < 1:
-            raise ValueError(f"initial_capacity must be a positive int, got {initial_capacity!r}")
+        positive_int("initial_capacity", initial_capacity)
         if not growth_factor > 1.0:
             raise ValueError(f"growth_factor must be > 1, got {growth_factor!r}")
         self.initial_capacity = initial_capacity

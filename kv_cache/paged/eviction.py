@@ -1,7 +1,8 @@
-"""What each :class:`~kv_cache.cache_config.EvictionPolicy` gives up when the pool is full.
+"""What each :class:`~kv_cache.paged.config.EvictionPolicy` gives up when the pool is full.
 
-Two decisions, as pure functions over the sequences' book-keeping (:class:`~kv_cache.paged.
-SequenceState`), so each rule can be read -- and tested -- on its own:
+Two decisions, as pure functions over the sequences' book-keeping
+(:class:`~kv_cache.paged.block_pool.SequenceState`), so each rule can be read -- and tested -- on
+its own:
 
 * :func:`choose_victim` -- the whole sequence to evict (``LRU``, ``ADAPTIVE``, and the
   fallback of ``SLIDING_WINDOW``);
@@ -17,9 +18,9 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Hashable, Iterable, Optional, Tuple, Union
 
-from .cache_config import EvictionPolicy
-from .paged import PoolExhaustedError, SequenceState
-from .static import CacheCapacityError
+from ..errors import CacheCapacityError, PoolExhaustedError
+from .block_pool import SequenceState
+from .config import EvictionPolicy
 
 
 def victim_score(policy: EvictionPolicy, seq: SequenceState) -> tuple:
@@ -53,7 +54,7 @@ def choose_window_trim(seqs: Dict[Hashable, SequenceState], window: int,
 
 
 class EvictionMixin:
-    """How an :class:`~kv_cache.advanced.AdvancedKVCache` makes room (mixed into it).
+    """How an :class:`~kv_cache.paged.advanced.AdvancedKVCache` makes room (mixed into it).
 
     Uses the manager's ``config``, ``pool``, ``_seqs`` (id -> :class:`SequenceState`),
     ``counters``, ``eviction_log`` and ``_free_sequence``.  The policy is read from

@@ -41,7 +41,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .base import Cache, as_index, check_append, check_kv_pair
+from ..basic.base import Cache, as_index, check_append, check_kv_pair
+from ..validate import layer_index, non_negative_int, positive_int
 
 Tensor = torch.Tensor
 NBITS = (2, 4, 8)
@@ -187,10 +188,8 @@ class QuantizedKVCache(Cache):
 
     def __init__(self, nbits: int = 8, group_size: int = 32, residual_length: int = 32):
         self.nbits = _check_nbits(nbits)
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-        if isinstance(residual_length, bool) or not isinstance(residual_length, int) or residual_length < 0:
-            raise ValueError(f"residual_length must be an int >= 0, got {residual_length!r}")
+        positive_int("group_size", group_size)
+        non_negative_int("residual_length", residual_length)
         self.group_size, self.residual_length = group_size, residual_length
         self.reset()
 
@@ -205,8 +204,7 @@ class QuantizedKVCache(Cache):
         self._batch: Optional[int] = None
 
     def _grow(self, layer_idx: int) -> None:
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
-            raise ValueError(f"layer_idx must be a non-negative int, got {layer_idx!r}")
+        layer_index(layer_idx)
         while len(self._nq) <= layer_idx:
             self._qk.append(_Quantized())
             self._qv.append(_Quantized())
@@ -316,8 +314,7 @@ class QuantizedKVCache(Cache):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat every batch row ``repeats`` times.  O(stored bytes * repeats)."""
-        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-            raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+        positive_int("repeats", repeats)
         if self._batch is None:
             return
         self._rebatch(lambda t: t.repeat_interleave(repeats, dim=0))

@@ -40,8 +40,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from .encoder_decoder import EncoderDecoderCache
-from .static import CacheCapacityError, StaticKVCache, _positive_int
+from ..basic.encoder_decoder import EncoderDecoderCache
+from ..basic.static import StaticKVCache
+from ..errors import CacheCapacityError
+from ..validate import layer_index, positive_int
 
 Tensor = torch.Tensor
 ATTENTION_TYPES = ("self", "cross")
@@ -63,10 +65,10 @@ class KVCache:
 
     def __init__(self, num_layers: int, num_heads: int, d_k: int, max_seq_len: int,
                  dtype: torch.dtype = torch.float32, device=None):
-        self.num_layers = _positive_int("num_layers", num_layers)
-        self.num_heads = _positive_int("num_heads", num_heads)
-        self.d_k = _positive_int("d_k", d_k)
-        self.max_seq_len = _positive_int("max_seq_len", max_seq_len)
+        self.num_layers = positive_int("num_layers", num_layers)
+        self.num_heads = positive_int("num_heads", num_heads)
+        self.d_k = positive_int("d_k", d_k)
+        self.max_seq_len = positive_int("max_seq_len", max_seq_len)
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
         self.dtype = dtype
@@ -79,7 +81,7 @@ class KVCache:
     # ------------------------------------------------------------------ lifecycle
     def initialize_cache(self, batch_size: int) -> None:
         """Allocate both caches for ``batch_size`` rows (drops anything stored before)."""
-        self.batch_size = _positive_int("batch_size", batch_size)
+        self.batch_size = positive_int("batch_size", batch_size)
         make = lambda: StaticKVCache(  # noqa: E731
             max_cache_len=self.max_seq_len, num_layers=self.num_layers, num_heads=self.num_heads,
             head_dim=self.d_k, max_batch_size=batch_size, dtype=self.dtype, device=self.device)
@@ -122,8 +124,7 @@ class KVCache:
         return self.self_cache if attention_type == "self" else self.cross_cache
 
     def _check_layer(self, layer_idx) -> None:
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < self.num_layers:
-            raise IndexError(f"layer_idx={layer_idx!r} is out of range; expected 0 <= layer_idx < num_layers={self.num_layers}")
+        layer_index(layer_idx, self.num_layers)
 
     @staticmethod
     def _where(layer_idx: int, attention_type: str) -> str:

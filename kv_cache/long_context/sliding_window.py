@@ -10,7 +10,7 @@ long the stream, and a decoding step reads ``window`` keys instead of ``t``.
 * On a model trained with full attention it is an approximation, StreamingLLM's "window
   attention" baseline: everything older than ``window`` is forgotten.  Xiao et al. (2023) show
   that this breaks down as soon as the *first* tokens leave the window -- see
-  :class:`~kv_cache.sinks.SinkKVCache` for the fix.
+  :class:`~kv_cache.long_context.sinks.SinkKVCache` for the fix.
 
 The ring buffer.  Each layer owns one buffer of ``window`` slots (plus ``num_sink_tokens``
 pinned slots in front, zero here).  Token ``p`` goes to ring slot ``p mod window`` and
@@ -39,15 +39,10 @@ from typing import List, Optional
 
 import torch
 
-from .base import Cache, check_append, check_kv_pair, select_rows
+from ..basic.base import Cache, check_append, check_kv_pair, select_rows
+from ..validate import layer_index, positive_int
 
 Tensor = torch.Tensor
-
-
-def _count(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 class SlidingWindowKVCache(Cache):
@@ -77,7 +72,7 @@ class SlidingWindowKVCache(Cache):
     layout = "bhsd"
 
     def __init__(self, window: int):
-        self.window = _count("window", window, 1)
+        self.window = positive_int("window", window)
         self.num_sink_tokens = 0
         self.reset()
 
@@ -100,8 +95,7 @@ class SlidingWindowKVCache(Cache):
         return self.num_sink_tokens + self.window
 
     def _grow(self, layer_idx: int) -> None:
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
-            raise ValueError(f"layer_idx must be a non-negative int, got {layer_idx!r}")
+        layer_index(layer_idx)
         while len(self.keys) <= layer_idx:
             for lst, empty in ((self.keys, None), (self.values, None), (self._pos, None), (self._seen, 0),
                                (self._head, 0), (self._ring, 0), (self._returned, None), (self._shift, 0)):
@@ -263,7 +257,7 @@ class SlidingWindowKVCache(Cache):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat every batch row ``repeats`` times.  O(stored * repeats)."""
-        _count("repeats", repeats, 1)
+        positive_int("repeats", repeats)
         if self._batch is None:
             return
         for l, buf in enumerate(self.keys):
@@ -279,7 +273,7 @@ class SlidingWindowKVCache(Cache):
         ``key_positions`` / ``stored_positions`` name the kept ones.  The ring then holds fewer
         than ``window`` tokens and refills as tokens arrive.  A layer holding at most
         ``max_length`` tokens is unchanged.  Attention sinks are never dropped: a
-        :class:`~kv_cache.sinks.SinkKVCache` that would lose some raises ``ValueError`` (and
+        :class:`~kv_cache.long_context.sinks.SinkKVCache` that would lose some raises ``ValueError`` (and
         changes nothing).  Cost: one gather of the kept tokens per layer.
         """
         keep = self._crop_count(max_length)

@@ -4,7 +4,7 @@ Xiao et al., "Efficient Streaming Language Models with Attention Sinks" (2023). 
 trained with full causal attention puts a large share of every query's attention on the first
 tokens of the sequence -- not because they matter, but because softmax must put its mass
 somewhere and the first tokens are visible to every query.  These are *attention sinks*.  A
-plain sliding window (:class:`~kv_cache.sliding_window.SlidingWindowKVCache`) evicts them as
+plain sliding window (:class:`~kv_cache.long_context.sliding_window.SlidingWindowKVCache`) evicts them as
 soon as the stream passes ``window`` tokens, the attention distribution collapses, and the
 perplexity explodes.  Keeping ``num_sink_tokens`` (4 in the paper) first tokens forever, plus
 the ``window`` most recent ones, lets a model trained on a short context run on an endless
@@ -42,7 +42,8 @@ first ``s`` slots of a short row are padding, which is masked: that row runs as 
 
 from __future__ import annotations
 
-from .sliding_window import SlidingWindowKVCache, _count
+from ..validate import non_negative_int
+from .sliding_window import SlidingWindowKVCache
 
 
 class SinkKVCache(SlidingWindowKVCache):
@@ -57,7 +58,7 @@ class SinkKVCache(SlidingWindowKVCache):
     ``transformer``'s attention does this).  Storage: ``num_sink_tokens + window`` slots per
     layer, fixed at the first update: ``2 * B * H_kv * (num_sink_tokens + window) * head_dim``
     elements plus an int64 position per slot.  The interface is that of
-    :class:`~kv_cache.sliding_window.SlidingWindowKVCache`.
+    :class:`~kv_cache.long_context.sliding_window.SlidingWindowKVCache`.
 
     Example::
 
@@ -71,6 +72,6 @@ class SinkKVCache(SlidingWindowKVCache):
     positions_in_cache = True
 
     def __init__(self, num_sink_tokens: int, window: int):
-        num_sink_tokens = _count("num_sink_tokens", num_sink_tokens, 0)
+        num_sink_tokens = non_negative_int("num_sink_tokens", num_sink_tokens)
         super().__init__(window)
         self.num_sink_tokens = num_sink_tokens

@@ -1,6 +1,6 @@
 """``PagedCacheView``: a batch of sequences of an ``AdvancedKVCache``, seen through the ``Cache`` API.
 
-Models in this project talk to a cache through one interface (:class:`~kv_cache.base.Cache`:
+Models in this project talk to a cache through one interface (:class:`~kv_cache.basic.base.Cache`:
 ``update(key, value, layer_idx) -> (keys, values)``...).  A view maps batch row ``i`` to
 sequence ``sequence_ids[i]`` of a shared paged pool, so ``generate()`` -- or any model that
 accepts a ``Cache`` -- decodes into the pool without knowing it is paged::
@@ -28,20 +28,21 @@ from typing import Hashable, List, Optional, Sequence
 
 import torch
 
+from ..basic.base import Cache, as_index, check_kv_pair, check_layout
+from ..validate import layer_index, positive_int
 from .advanced import AdvancedKVCache
-from .base import Cache, as_index, check_kv_pair, check_layout
 
 Tensor = torch.Tensor
 
 
 class PagedCacheView(Cache):
-    """Batch rows over sequences of a shared :class:`~kv_cache.advanced.AdvancedKVCache`.
+    """Batch rows over sequences of a shared :class:`~kv_cache.paged.advanced.AdvancedKVCache`.
 
     Args:
         manager: the pool.
         sequence_ids: one id per batch row; ids not held yet are added (empty), held ones are
             used as they are (e.g. after ``add_sequence(id, token_ids)`` found a cached prefix).
-            An id the pool *evicted* raises :class:`~kv_cache.advanced.EvictedSequenceError`:
+            An id the pool *evicted* raises :class:`~kv_cache.errors.EvictedSequenceError`:
             the view would continue it from an empty cache and the model would decode without
             its context.  Re-prefill it deliberately (``manager.clear_sequence(id)`` or
             ``manager.add_sequence(id, ...)``, then feed the whole sequence).
@@ -88,9 +89,7 @@ class PagedCacheView(Cache):
             raise RuntimeError("this PagedCacheView was closed; make a new view")
 
     def _check_layer(self, layer_idx) -> None:
-        n = self.manager.config.num_layers
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < n:
-            raise IndexError(f"layer_idx={layer_idx!r} is out of range: num_layers={n} (valid 0..{n - 1})")
+        layer_index(layer_idx, self.manager.config.num_layers)
 
     # ------------------------------------------------------------------ Cache API
     def update(self, key: Tensor, value: Tensor, layer_idx: int, cache_position: Optional[Tensor] = None):
@@ -176,8 +175,7 @@ class PagedCacheView(Cache):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat every row ``repeats`` times (``B -> B * repeats``) by forking: no data is copied."""
-        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-            raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+        positive_int("repeats", repeats)
         self.batch_select_indices([i for i in range(len(self._ids)) for _ in range(repeats)])
 
     def crop(self, max_length: int) -> None:

@@ -26,21 +26,9 @@ from typing import Optional
 
 import torch
 
+from ..errors import CacheCapacityError
+from ..validate import layer_index, non_negative_int, positive_int
 from .base import BufferedCache, head_dim_of
-
-
-class CacheCapacityError(ValueError):
-    """A write or a batch change would exceed a preallocated cache's capacity.
-
-    Subclasses ``ValueError`` so ``except ValueError`` still catches it.  The message names the
-    current length, the number of new tokens (or rows) and the capacity.
-    """
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _dtype(name: str, value) -> torch.dtype:
@@ -88,18 +76,18 @@ class StaticKVCache(BufferedCache):
                  k_dtype: Optional[torch.dtype] = None, v_dtype: Optional[torch.dtype] = None,
                  dtype: torch.dtype = torch.float32, device=None, layout: str = "bhsd"):
         super().__init__(layout)
-        _positive_int("max_cache_len", max_cache_len)
-        _positive_int("num_layers", num_layers)
-        _positive_int("num_heads", num_heads)
+        positive_int("max_cache_len", max_cache_len)
+        positive_int("num_layers", num_layers)
+        positive_int("num_heads", num_heads)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        _positive_int("num_kv_heads", num_kv_heads)
+        positive_int("num_kv_heads", num_kv_heads)
         if num_heads % num_kv_heads:
             raise ValueError(
                 f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}: in grouped-query "
                 f"attention each key/value head serves num_heads // num_kv_heads query heads"
             )
-        _positive_int("head_dim", head_dim)
-        _positive_int("max_batch_size", max_batch_size)
+        positive_int("head_dim", head_dim)
+        positive_int("max_batch_size", max_batch_size)
         _dtype("dtype", dtype)
         self._config = dict(
             max_cache_len=max_cache_len, num_layers=num_layers, num_heads=num_heads,
@@ -143,11 +131,7 @@ class StaticKVCache(BufferedCache):
 
     # ------------------------------------------------------------------ Cache API
     def _check_layer(self, layer_idx) -> None:
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < self.num_layers:
-            raise IndexError(
-                f"layer_idx={layer_idx!r} is out of range: this cache has num_layers={self.num_layers} "
-                f"(valid layer_idx 0..{self.num_layers - 1})"
-            )
+        layer_index(layer_idx, self.num_layers)
 
     def update(self, key, value, layer_idx, cache_position=None):
         """Write ``key``/``value`` at ``cache_position`` into ``layer_idx``; return the layer's views.
@@ -214,7 +198,8 @@ class StaticKVCache(BufferedCache):
 
     def batch_repeat_interleave(self, repeats):
         """Repeat each row ``repeats`` times in place; ``B * repeats`` must fit ``max_batch_size``."""
-        if self._batch is not None and isinstance(repeats, int) and repeats >= 1:
+        positive_int("repeats", repeats)
+        if self._batch is not None:
             self._check_rows(self._batch * repeats, f"batch_repeat_interleave({repeats})")
         super().batch_repeat_interleave(repeats)
 
@@ -266,9 +251,8 @@ class SubStaticCache(StaticKVCache):
     def __init__(self, parent: StaticKVCache, start_idx: int, length: int):
         if not isinstance(parent, StaticKVCache):
             raise TypeError(f"parent must be a StaticKVCache, got {type(parent).__name__}")
-        if isinstance(start_idx, bool) or not isinstance(start_idx, int) or start_idx < 0:
-            raise ValueError(f"start_idx must be a non-negative int, got {start_idx!r}")
-        _positive_int("length", length)
+        non_negative_int("start_idx", start_idx)
+        positive_int("length", length)
         if start_idx + length > parent.max_batch_size:
             raise ValueError(
                 f"start_idx={start_idx} + length={length} = {start_idx + length} rows exceeds the parent's "

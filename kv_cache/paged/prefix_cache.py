@@ -15,8 +15,8 @@ pool keeps ``hash -> block``; a request's prompt is hashed block by block and lo
 the first miss (:func:`match_cached_blocks`).  A sequence's own blocks enter the index once
 they are full in every layer and their token ids are known (:func:`register_full_blocks`).
 
-Functions only: the book-keeping lives in :class:`~kv_cache.paged.BlockPool` (the index) and
-:class:`~kv_cache.paged.SequenceState` (each sequence's tokens and hashes).
+Functions only: the book-keeping lives in :class:`~kv_cache.paged.block_pool.BlockPool` (the
+index) and :class:`~kv_cache.paged.block_pool.SequenceState` (each sequence's tokens and hashes).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .paged import BlockPool, SequenceState
+from .block_pool import BlockPool, SequenceState
 
 
 def block_hash(parent: Optional[bytes], token_ids: Sequence[int]) -> bytes:

@@ -28,7 +28,7 @@ from typing import Hashable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .advanced import AdvancedKVCache
+from ..paged.advanced import AdvancedKVCache
 
 Tensor = torch.Tensor
 
@@ -61,7 +61,7 @@ class CachedAttentionMixin:
         ones under ``SLIDING_WINDOW``).  The read happens before the write: a cold sequence is
         a miss (computed from scratch), a warm one a hit.  The new tokens are *appended*
         (``AdvancedKVCache.append_cache``), so a sequence the pool evicted raises
-        :class:`~kv_cache.advanced.EvictedSequenceError` instead of silently restarting empty.
+        :class:`~kv_cache.errors.EvictedSequenceError` instead of silently restarting empty.
         A batch: ``sequence_id`` a list of ``B`` ids and ``key``/``value`` ``(B, S, H_kv, D)`` ->
         ``(B, L, H_kv, D)`` (rows of equal length, see ``AdvancedKVCache.append_and_gather``).
         Without an attached cache the inputs are returned unchanged (attention over the new

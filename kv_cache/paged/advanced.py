@@ -3,7 +3,8 @@ prefix sharing.
 
 Picture a server answering many requests at once.  Each request (a *sequence*, named by any
 hashable ``sequence_id``) needs, for every layer, the keys and values of all its tokens.  This
-manager keeps them all in one :class:`~kv_cache.paged.BlockPool` under a hard memory budget:
+manager keeps them all in one :class:`~kv_cache.paged.block_pool.BlockPool` under a hard memory
+budget:
 
 * **per-sequence block tables** -- a sequence owns a list of block ids, shared by all layers;
   an append adds tokens to one layer, taking a new block from the free list only when the
@@ -11,10 +12,10 @@ manager keeps them all in one :class:`~kv_cache.paged.BlockPool` under a hard me
   instead *replaces* a layer's keys/values with the whole tensor it is given (the reference
   guide's attention stores a sequence's entire K/V at every step); it rewrites the blocks the
   sequence already has and returns the ones it no longer needs;
-* **eviction** -- when no block is free, :class:`~kv_cache.cache_config.EvictionPolicy` decides:
+* **eviction** -- when no block is free, :class:`~kv_cache.paged.config.EvictionPolicy` decides:
   raise (``NONE``), drop whole sequences (``LRU``, ``ADAPTIVE``) or drop blocks that fell out
   of a sequence's window (``SLIDING_WINDOW``).  Sequences pinned by an active
-  :class:`~kv_cache.paged_view.PagedCacheView` are never touched;
+  :class:`~kv_cache.paged.view.PagedCacheView` are never touched;
 * **prefix sharing** -- ``add_sequence(id, token_ids)`` finds the longest run of *full* blocks
   already computed for the same leading tokens (by chained hash, as in vLLM) and points the
   new sequence at them: the caller prefills only the rest.  ``fork_sequence`` shares every
@@ -35,10 +36,11 @@ L, H_kv, D)``.  Costs: a write copies the ``T`` new tokens (plus one block per c
 write); a read gathers the ``L`` stored tokens (one ``index_select``); allocation and
 eviction are O(1) per block plus O(sequences) to pick a victim.
 
-Where each part lives: blocks, free list, reference counts and block tables in
-:mod:`kv_cache.paged`; hashing and matching prefixes in :mod:`kv_cache.prefix_cache`; what each
-policy evicts in :mod:`kv_cache.eviction`; counters and the statistics dictionary in
-:mod:`kv_cache.pool_stats`.  This file ties them together: the sequences' life cycle, writes
+Where each part lives (all in ``kv_cache/paged/``): blocks, free list, reference counts and
+block tables in :mod:`~kv_cache.paged.block_pool`; hashing and matching prefixes in
+:mod:`~kv_cache.paged.prefix_cache`; what each policy evicts in :mod:`~kv_cache.paged.eviction`;
+counters and the statistics dictionary in :mod:`~kv_cache.paged.pool_stats`.  The error types
+are in :mod:`kv_cache.errors`.  This file ties them together: the sequences' life cycle, writes
 and reads.
 """
 
@@ -49,38 +51,22 @@ from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .cache_config import CacheConfig, check_kv_write
+from ..errors import CacheCapacityError, EvictedSequenceError, UnknownSequenceError
+from ..validate import layer_index
+from .block_pool import BlockPool, SequenceState
+from .config import CacheConfig, check_kv_write
 from .eviction import EvictionMixin
-from .paged import BlockPool, SequenceState
 from .pool_stats import CacheCounters, global_stats, usage
 from .prefix_cache import match_cached_blocks, register_full_blocks, token_list
-from .static import CacheCapacityError
 
 Tensor = torch.Tensor
-
-
-class UnknownSequenceError(KeyError):
-    """An operation named a ``sequence_id`` the manager does not hold (a ``KeyError``)."""
-
-    def __str__(self) -> str:  # KeyError would print the message in quotes
-        return str(self.args[0])
-
-
-class EvictedSequenceError(UnknownSequenceError):
-    """An append (or a :class:`~kv_cache.paged_view.PagedCacheView`) tried to *continue* a
-    sequence the pool evicted.  Its keys/values are gone; continuing would restart it empty.
-
-    Re-prefill it instead: ``set_cache`` its whole keys/values (a deliberate restart), or
-    ``clear_sequence(id)`` (or ``add_sequence(id, ...)``) and append from token 0.  Subclasses
-    :class:`UnknownSequenceError` (a ``KeyError``): the id is not held.
-    """
 
 
 class AdvancedKVCache(EvictionMixin):
     """A paged, budgeted, shared KV store for many sequences and all layers.  See the module doc.
 
     Args:
-        config: a :class:`~kv_cache.cache_config.CacheConfig`.  ``config.eviction_policy`` and
+        config: a :class:`~kv_cache.paged.config.CacheConfig`.  ``config.eviction_policy`` and
             ``config.sliding_window_size`` may be changed later (validated at the next use);
             the sizes are fixed at construction.
 
@@ -161,9 +147,7 @@ class AdvancedKVCache(EvictionMixin):
         return repr(ids[:8])[:-1] + (", ...]" if len(ids) > 8 else "]")
 
     def _check_layer(self, layer_id) -> None:
-        n = self.config.num_layers
-        if isinstance(layer_id, bool) or not isinstance(layer_id, int) or not 0 <= layer_id < n:
-            raise IndexError(f"layer_id={layer_id!r} is out of range: num_layers={n} (valid 0..{n - 1})")
+        layer_index(layer_id, self.config.num_layers, name="layer_id")
 
     def __contains__(self, sequence_id) -> bool:
         return sequence_id in self._seqs
@@ -602,7 +586,7 @@ class AdvancedKVCache(EvictionMixin):
         return usage(self._seqs.values(), self.pool, self.config.block_size)
 
     def get_global_stats(self) -> dict:
-        """Everything a dashboard wants, as plain numbers (see :mod:`kv_cache.pool_stats`).
+        """Everything a dashboard wants, as plain numbers (see :mod:`kv_cache.paged.pool_stats`).
 
         ``global_hit_rate`` = hits / (hits + misses) over ``get_cache`` and batched reads (a
         batched row is a hit if it held tokens before the call); ``total_memory_mb`` = storage

@@ -19,7 +19,7 @@ class CachePerformanceMonitor:
     """Collect metrics of ``cache`` over time and analyse the recent ones.
 
     Args:
-        cache: the :class:`~kv_cache.advanced.AdvancedKVCache` to watch.
+        cache: the :class:`~kv_cache.paged.advanced.AdvancedKVCache` to watch.
         window: how many recent snapshots :meth:`analyze_performance` looks at.
 
     Thresholds (class attributes, change them on an instance if needed): ``LOW_HIT_RATE``

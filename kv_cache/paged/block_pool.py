@@ -22,14 +22,14 @@ at the same physical blocks (``incref``).  A block with count > 1 is read-only; 
 to it makes a private copy first (**copy on write**, :meth:`BlockPool.copy_block`).
 
 Prefix caching.  A *full* block is identified by a hash of its tokens and of every token before
-it (the chained hash vLLM uses; see :mod:`kv_cache.prefix_cache`).  The pool keeps an index
+it (the chained hash vLLM uses; see :mod:`kv_cache.paged.prefix_cache`).  The pool keeps an index
 ``hash -> block``.  A block whose count drops to 0 goes back to the free list but keeps
 its hash: until the block is handed out again, a new request with the same prefix can
 :meth:`revive` it instead of recomputing it.  Such blocks are given out last (the free list is
 ordered: never-hashed blocks first, then cached ones, oldest first).
 
 :class:`SequenceState` is one sequence's block table and counters.  This file makes no decision
-about sequences (admission, eviction): that is :class:`~kv_cache.advanced.AdvancedKVCache`.
+about sequences (admission, eviction): that is :class:`~kv_cache.paged.advanced.AdvancedKVCache`.
 """
 
 from __future__ import annotations
@@ -40,17 +40,9 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from .static import CacheCapacityError
+from ..errors import PoolExhaustedError
 
 Tensor = torch.Tensor
-
-
-class PoolExhaustedError(CacheCapacityError):
-    """No free block is left and the eviction policy may not (or cannot) free one.
-
-    Subclasses :class:`~kv_cache.CacheCapacityError` (itself a ``ValueError``).  The message
-    names the blocks needed, the blocks free, the budget and the policy.
-    """
 
 
 @dataclass

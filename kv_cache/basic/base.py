@@ -51,6 +51,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..validate import layer_index, positive_int
+
 Tensor = torch.Tensor
 LAYOUTS = ("bhsd", "bshd")
 
@@ -412,8 +414,7 @@ class BufferedCache(Cache):
         return 0 if buf is None else buf.shape[self._sd]
 
     def _grow_lists(self, layer_idx: int) -> None:
-        if not isinstance(layer_idx, int) or layer_idx < 0:
-            raise ValueError(f"layer_idx must be a non-negative int, got {layer_idx!r}")
+        layer_index(layer_idx)
         while len(self.keys) <= layer_idx:
             self.keys.append(None)
             self.values.append(None)
@@ -529,8 +530,7 @@ class BufferedCache(Cache):
 
     def batch_repeat_interleave(self, repeats):
         """Repeat each row ``repeats`` times (rows ``b`` -> ``b*repeats``). O(cache * repeats)."""
-        if not isinstance(repeats, int) or repeats < 1:
-            raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+        positive_int("repeats", repeats)
         if self._batch is None:
             return
         self._rebatch(lambda t: t.repeat_interleave(repeats, dim=0), self._batch * repeats)
