@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import re
 import sys
@@ -55,7 +54,9 @@ import torch
 from transformer import training as T
 from transformer.checkpoint import CheckpointError, load_model
 from transformer.data import EOS_ID, FIRST_SYMBOL, PLUS_ID, load_corpus, split_documents
+from transformer.generation import CACHE_IMPLEMENTATIONS, EXACT_CACHES, LONG_CONTEXT_CACHES
 from transformer.gpt2 import InsecureTorchError, load_gpt2, parse_prompt_ids
+from transformer.sampling import SamplingSettings, sampling_value_problem
 from spec_decoding import ModelDrafter, PromptLookupDrafter, format_stats, speculative_generate
 
 DEFAULT_CHECKPOINT = "out"
@@ -76,24 +77,24 @@ def int_at_least(low: int, note: str = ""):
     return parse
 
 
-def temperature_value(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0 = greedy), got {text!r}")
-    return value
+def sampling_value(name: str, note: str = ""):
+    """An argparse ``type``: a number obeying the rule of sampling setting ``name`` (the one rule
+    of :data:`transformer.sampling.SAMPLING_RULES`, worded for a flag; ``note`` explains a special value)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")  # breaks every rule: the error below says what was expected
+        expected = sampling_value_problem(name, value)
+        if expected is not None:
+            raise argparse.ArgumentTypeError(f"expected {expected}{note}, got {text!r}")
+        return value
+    parse.__name__ = f"{name}_value"  # argparse names the type in some messages
+    return parse
 
 
-def top_p_value(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 < value <= 1.0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] (1 = off), got {text!r}")
-    return value
+temperature_value = sampling_value("temperature")
+top_p_value = sampling_value("top_p", " (1 = off)")
 
 
 def seed_value(text: str) -> int:
@@ -157,8 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="decode with a KV cache (--no-use-cache reruns the whole prefix every step: the "
                         "reference) [default: on]")
-    p.add_argument("--cache", choices=("dynamic", "static", "sliding_window", "sinks", "quantized"),
-                   default="dynamic",
+    p.add_argument("--cache", choices=CACHE_IMPLEMENTATIONS, default="dynamic",
                    help="dynamic grows as tokens arrive; static preallocates prompt + max-new-tokens; "
                         "sliding_window keeps the last --window tokens; sinks keeps --sink-tokens first tokens + "
                         "the last --window (StreamingLLM, for streams far past the training context); quantized "
@@ -342,12 +342,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     seq2seq = ckpt.model_type == "encoder_decoder"
-    temperature = args.temperature if args.temperature is not None else (0.0 if seq2seq else 0.8)
-    sampling = dict(do_sample=temperature > 0, temperature=temperature, top_k=args.top_k or None,
-                    top_p=args.top_p if args.top_p < 1 else None)
-    seed = args.seed if args.seed is not None else torch.seed()
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+    # The flags on the one settings object (transformer.sampling).  The defaults are the CLI's own:
+    # --temperature 0.8 (0 for the encoder-decoder tasks, which have one right answer), --top-k 200,
+    # --top-p 0.95; --top-k 0 and --top-p 1 mean "off" (None).  do_sample follows the temperature.
+    settings = SamplingSettings(temperature=args.temperature if args.temperature is not None else
+                                (0.0 if seq2seq else 0.8), top_k=args.top_k or None,
+                                top_p=args.top_p if args.top_p < 1 else None,
+                                seed=args.seed if args.seed is not None else torch.seed())
+    sampling = settings.generate_kwargs()  # do_sample, temperature, top_k, top_p for every path below
+    seed = settings.seed
+    generator = settings.make_generator(device)
     print(f"[loaded {ckpt.path} ({ckpt.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
           f"parameters) on {device}]", file=sys.stderr)
     problem = check_cache_flags(args, model.config)
@@ -357,7 +361,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         if seq2seq:
-            if args.speculative or args.cache in LOSSY_CACHES:
+            if args.speculative or args.cache in LONG_CONTEXT_CACHES:
                 print("error: --speculative and --cache sliding_window/sinks/quantized are for decoder-only "
                       "checkpoints", file=sys.stderr)
                 return 2
@@ -373,9 +377,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:  # bad sampling values, a prompt too long for learned positions...
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-
-LOSSY_CACHES = ("sliding_window", "sinks", "quantized")
 
 
 def check_cache_flags(args, config) -> Optional[str]:
@@ -408,7 +409,7 @@ def load_draft(args, model, device):
         return None
     if not args.use_cache:
         raise ValueError("--speculative decodes through the KV caches; it cannot be combined with --no-use-cache")
-    if args.cache not in ("dynamic", "static"):
+    if args.cache not in EXACT_CACHES:
         raise ValueError(f"--speculative rolls caches back with rollback(); use --cache dynamic or static, not {args.cache}")
     if args.prompt_lookup == bool(args.draft_checkpoint):
         raise ValueError("--speculative needs exactly one drafter: --draft-checkpoint DIR or --prompt-lookup")

@@ -30,12 +30,9 @@ from typing import Callable, List, Optional, Union
 
 import torch
 
-from transformer.generation import check_token_ids
+from transformer.generation import _UNSET, EXACT_CACHES, check_token_ids
 from .drafters import Drafter, ModelDrafter, Proposal
 from .rule import SamplingSettings, probs_from_logits, verify_greedy, verify_sampled
-
-CACHE_IMPLEMENTATIONS = ("dynamic", "static")
-_UNSET = object()
 
 
 @dataclass
@@ -123,7 +120,10 @@ class SpeculativeDecoder:
             output is distributed exactly as ``target.generate`` with the same settings.
             ``temperature=0`` (default) is greedy: the output equals the target's greedy output.
         do_sample: ``False`` forces greedy; ``None``/``True`` sample when ``temperature > 0``
-            (the convention of :func:`transformer.generate`).
+            (the convention of :func:`transformer.generate`).  Greedy by default, unlike
+            ``EnhancedTransformer.generate``: the speculative guide's default (see the table in
+            :mod:`transformer.sampling`; one :class:`~transformer.sampling.SamplingSettings` checks
+            all of these values, ``self.settings``).
         eos_token_id: stop after this token (default: ``target.config.eos_token_id``; ``None``
             never stops early).
         generator / seed: random source (give at most one); ``None`` uses torch's global RNG.
@@ -176,19 +176,18 @@ class SpeculativeDecoder:
         _positive_int("max_draft_tokens", max_draft_tokens)
         if max_draft_tokens < num_draft_tokens:
             raise ValueError(f"max_draft_tokens={max_draft_tokens} must be >= num_draft_tokens={num_draft_tokens}")
-        if cache_implementation not in CACHE_IMPLEMENTATIONS:
-            raise ValueError(f"cache_implementation={cache_implementation!r}; expected one of {CACHE_IMPLEMENTATIONS}")
-        if generator is not None and seed is not None:
-            raise ValueError("give either generator or seed, not both")
-        if seed is not None:
-            generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-        if do_sample is False:
-            temperature = 0.0
-        self.settings = SamplingSettings(temperature, top_k, top_p)  # validates the three values
+        # the caches are rolled back every round: only the exact ones (of transformer.generate's kinds) can be
+        if cache_implementation not in EXACT_CACHES:
+            raise ValueError(f"cache_implementation={cache_implementation!r}; expected one of {EXACT_CACHES} "
+                             f"(speculative decoding rolls its caches back)")
+        self.settings = SamplingSettings(temperature, top_k, top_p, do_sample=do_sample, seed=seed,
+                                         generator=generator,  # validated; seed and generator not both
+                                         eos_token_id=cfg.eos_token_id if eos_token_id is _UNSET else eos_token_id)
+        generator = self.settings.make_generator(input_ids.device)
 
         self.target, self.drafter, self.generator, self.streamer = target, drafter, generator, streamer
         self.max_new_tokens, self.adaptive, self.max_draft_tokens = max_new_tokens, adaptive, max_draft_tokens
-        self.eos_token_id = cfg.eos_token_id if eos_token_id is _UNSET else eos_token_id
+        self.eos_token_id = self.settings.eos_token_id
         self.k = num_draft_tokens
         self.tokens = input_ids
         self.prompt_len = P

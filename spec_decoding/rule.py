@@ -46,32 +46,14 @@ Shapes: ``V`` = vocabulary size, ``k`` = number of drafted tokens.  Cost: ``O(k 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from transformer.sampling import process_logits, validate_sampling_args
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How tokens are chosen; applied identically to the target (``p``) and the drafter (``q``).
-
-    ``temperature == 0`` (or ``do_sample=False`` at the API level) means greedy.
-    """
-
-    temperature: float = 0.0
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-
-    def __post_init__(self):
-        validate_sampling_args(self.temperature, self.top_k, self.top_p)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+# The settings object is the one every generation path uses; here it is applied identically to
+# the target (``p``) and the drafter (``q``).  Re-exported: ``spec_decoding.SamplingSettings``.
+from transformer.sampling import SamplingSettings, process_logits
 
 
 def probs_from_logits(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:

@@ -104,3 +104,43 @@ def test_empirical_frequencies_match_processed_distribution(settings_):
 def test_invalid_sampling_values_raise_named_errors(kwargs, name):
     with pytest.raises(ValueError, match=name):
         validate_sampling_args(**kwargs)
+
+
+# ------------------------------------------------------------------ one settings object
+def test_one_settings_object_resolves_greedy_alike_for_every_path():
+    import spec_decoding
+    from spec_decoding import rule
+    from transformer.sampling import SamplingSettings
+    assert spec_decoding.SamplingSettings is SamplingSettings and rule.SamplingSettings is SamplingSettings
+    assert SamplingSettings().greedy  # the speculative default: temperature 0
+    assert not SamplingSettings(0.7).greedy and SamplingSettings(0.7).do_sample is True  # unset: T > 0 samples
+    assert SamplingSettings(1.0, do_sample=False).greedy  # generate()'s default
+    assert SamplingSettings(0.0, do_sample=True).greedy  # temperature 0 is greedy whatever do_sample says
+    s = SamplingSettings(0.8, top_k=5, top_p=0.9, eos_token_id=torch.tensor(3))
+    assert s.eos_token_id == 3 and type(s.eos_token_id) is int
+    assert s.generate_kwargs() == dict(do_sample=True, temperature=0.8, top_k=5, top_p=0.9)
+    g = SamplingSettings(1.0, seed=5).make_generator()
+    assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=torch.Generator().manual_seed(5)))
+    assert SamplingSettings(1.0).make_generator() is None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seed=1.5), r"seed must be None or an int .*got 1.5"),
+    (dict(seed=2 ** 64), r"seed must be None or an int .*got 18446744073709551616"),
+    (dict(generator=3), r"generator must be None or a torch.Generator, got 3"),
+    (dict(eos_token_id=2.0), r"eos_token_id must be None or an int token id, got 2.0"),
+    (dict(eos_token_id=True), r"eos_token_id must be None or an int token id, got True"),
+    (dict(seed=1, generator=torch.Generator()), r"either generator or seed"),
+])
+def test_seed_generator_and_stop_are_checked_by_the_same_validator(kwargs, message):
+    from transformer.sampling import SamplingSettings
+    with pytest.raises(ValueError, match=message):
+        SamplingSettings(1.0, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        validate_sampling_args(**kwargs)
+
+
+def test_cache_kinds_are_defined_once():
+    from transformer.generation import CACHE_IMPLEMENTATIONS, EXACT_CACHES, LONG_CONTEXT_CACHES
+    assert CACHE_IMPLEMENTATIONS == EXACT_CACHES + LONG_CONTEXT_CACHES
+    assert set(EXACT_CACHES) == {"dynamic", "static"}  # what speculative decoding and fast=True take

@@ -21,7 +21,7 @@ import kv_cache
 from .config import ModelConfig
 from .encoder_decoder import EncoderDecoderTransformer
 from .generation import _UNSET
-from .sampling import validate_sampling_args
+from .sampling import SamplingSettings
 
 
 class EnhancedTransformer(EncoderDecoderTransformer):
@@ -100,9 +100,8 @@ class EnhancedTransformer(EncoderDecoderTransformer):
         """
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be an int >= 1 (it counts the BOS token), got {max_length!r}")
-        validate_sampling_args(temperature, top_k, top_p)  # before `temperature > 0` below compares it
-        if do_sample is None:
-            do_sample = temperature > 0
+        # do_sample unset: sample iff temperature > 0 (the tutorial's convention; see transformer.sampling)
+        do_sample = SamplingSettings(temperature, top_k, top_p, do_sample=do_sample).do_sample
         src_mask = self._src_mask(src, src_mask)
         cache = "dynamic"
         if use_cache and self.kv_cache is not None:

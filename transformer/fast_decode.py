@@ -58,9 +58,9 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from kv_cache.compiled_static import FixedShapeKVCache
+from kv_cache.basic.compiled_static import FixedShapeKVCache
 from .layers import apply_rotary
-from .sampling import process_logits, validate_sampling_args
+from .sampling import SamplingSettings, process_logits
 
 _M32 = 0xFFFFFFFF
 
@@ -601,7 +601,8 @@ class FastDecoder:
         then ``n - 1`` steps of ``O(max_cache_len)`` attention, with one host sync every ``sync_every`` steps (when ``eos_token_id`` or a
         ``streamer`` needs one) and one at the end.
         """
-        validate_sampling_args(temperature, top_k, top_p)
+        settings = SamplingSettings(temperature, top_k, top_p, do_sample=bool(do_sample), generator=generator,
+                                    eos_token_id=eos_token_id)  # the one check of the sampling values
         B, P = input_ids.shape
         if B != self.batch_size:
             raise ValueError(f"input_ids has batch {B}, but this FastDecoder was built for batch_size="
@@ -624,16 +625,17 @@ class FastDecoder:
             with torch.inference_mode():
                 self._refresh_lm_head()
                 self._drop_stale_compiled_steps()
-                out = self._generate(input_ids, max_new_tokens, do_sample and temperature != 0, temperature, top_k,
-                                     top_p, eos_token_id, pad_token_id, generator, attention_mask, streamer)
+                out = self._generate(input_ids, max_new_tokens, settings, pad_token_id, attention_mask, streamer)
         finally:
             self.model.train(was_training)
         return out.clone()
 
-    def _generate(self, input_ids, n, do_sample, temperature, top_k, top_p, eos, pad, generator, attention_mask,
-                  streamer):
+    def _generate(self, input_ids, n, settings: SamplingSettings, pad, attention_mask, streamer):
         B, P = input_ids.shape
-        sampling = (do_sample, float(temperature), top_k, top_p, eos, (pad if pad is not None else 0))
+        do_sample, eos, generator = not settings.greedy, settings.eos_token_id, settings.generator
+        # the step's static arguments: each distinct tuple is its own compiled / captured step
+        sampling = (do_sample, float(settings.temperature), settings.top_k, settings.top_p, eos,
+                    (pad if pad is not None else 0))
         step = self._step_fn(sampling)  # compiles / captures first: the state is rewritten below
         # ---- state for this run (in place: the captured graph reads these addresses)
         if do_sample:
@@ -733,7 +735,8 @@ def fast_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, compil
     if not use_cache:
         raise ValueError("use_cache=False is the uncached reference; it cannot be combined with fast=True / "
                          "compile=True (which decode with their own fixed-shape static cache)")
-    if not (isinstance(cache_implementation, str) and cache_implementation in ("dynamic", "static")) or cache_config:
+    from .generation import EXACT_CACHES
+    if not (isinstance(cache_implementation, str) and cache_implementation in EXACT_CACHES) or cache_config:
         raise ValueError(f"fast=True / compile=True decode with their own fixed-shape static cache; "
                          f"cache_implementation must be left at 'dynamic' or 'static' and cache_config unset, "
                          f"got cache_implementation={cache_implementation!r}, cache_config={cache_config!r}")

@@ -28,13 +28,20 @@ import torch
 import kv_cache
 from kv_cache import Cache
 from .config import ModelConfig
-from .sampling import sample_next_token, validate_sampling_args
+from .sampling import SamplingSettings, sample_next_token
 
-CACHE_IMPLEMENTATIONS = ("dynamic", "static", "sliding_window", "sinks", "quantized")
+#: Caches that keep every token exactly: they can be rolled back (speculative decoding), have a
+#: fixed-shape twin (``fast=True``) and serve the encoder-decoder model.
+EXACT_CACHES = ("dynamic", "static")
+#: Long-context caches (decoder-only, ``bhsd`` layout): they drop or compress old tokens.
+LONG_CONTEXT_CACHES = ("sliding_window", "sinks", "quantized")
+#: Every cache ``generate`` builds by name; the paths that take fewer name a subset above.
+CACHE_IMPLEMENTATIONS = EXACT_CACHES + LONG_CONTEXT_CACHES
 #: ``cache_config`` keys each long-context cache accepts (see :func:`make_cache` for defaults).
 CACHE_CONFIG_KEYS = {"dynamic": (), "static": (), "sliding_window": ("window",),
                      "sinks": ("num_sink_tokens", "window"),
                      "quantized": ("nbits", "group_size", "residual_length")}
+#: "argument not given" where ``None`` means something (``eos_token_id=None``: never stop early).
 _UNSET = object()
 
 
@@ -71,7 +78,7 @@ def make_cache(config: ModelConfig, kind: str, batch_size: int, max_cache_len: O
         if unknown:
             raise ValueError(f"cache_config keys {unknown} are not used by cache_implementation={kind!r}; "
                              f"it accepts {list(CACHE_CONFIG_KEYS[kind]) or 'none'}")
-    if kind in ("sliding_window", "sinks", "quantized") and layout != "bhsd":
+    if kind in LONG_CONTEXT_CACHES and layout != "bhsd":
         raise ValueError(f"cache_implementation={kind!r} stores the 'bhsd' layout only, got layout={layout!r}")
     if kind == "sliding_window":
         return kv_cache.SlidingWindowKVCache(cache_config.get("window", config.sliding_window or config.max_seq_len))
@@ -206,7 +213,7 @@ def _resolve_cache(model, stepper, cache_implementation, batch, max_len, src, ca
             raise ValueError("the encoder-decoder model needs an EncoderDecoderCache")
         return cache
     if stepper.is_seq2seq:
-        if cache_config or cache_implementation in ("sliding_window", "sinks", "quantized"):
+        if cache_config or cache_implementation in LONG_CONTEXT_CACHES:
             raise ValueError(f"cache_implementation={cache_implementation!r} / cache_config are for the decoder-only "
                              f"model; the encoder-decoder model takes 'dynamic' or 'static'")
         return model.new_cache(cache_implementation, batch, max_len, src_len=src.shape[1])
@@ -247,9 +254,11 @@ def generate(
         cache_config: options of a cache built by name, e.g. ``{"window": 252,
             "num_sink_tokens": 4}`` or ``{"nbits": 4}``; see :func:`make_cache` for the keys
             and defaults.
-        do_sample: sample (``True``) or take the argmax (``False``, greedy).
+        do_sample: sample (``True``) or take the argmax (``False``, greedy: the default, as in
+            Hugging Face ``generate``).
         temperature, top_k, top_p: applied in that order when sampling (see
-            :mod:`transformer.sampling`); ``temperature=0`` is greedy.
+            :mod:`transformer.sampling`); ``temperature=0`` is greedy.  These, ``generator`` and
+            ``eos_token_id`` are checked once, by :class:`~transformer.sampling.SamplingSettings`.
         eos_token_id: a row stops after producing it; later positions of that row hold
             ``pad_token_id``.  Generation ends early once every row has stopped.  Defaults to
             ``model.config.eos_token_id``; pass ``None`` to never stop early.
@@ -271,12 +280,13 @@ def generate(
     one, step ``t`` reprocesses all ``P + t`` tokens.
     """
     config = model.config
-    validate_sampling_args(temperature, top_k, top_p)
+    # do_sample=None is greedy here, as False (Hugging Face's default), not "sample iff temperature > 0"
+    settings = SamplingSettings(temperature, top_k, top_p, do_sample=bool(do_sample), generator=generator,
+                                eos_token_id=config.eos_token_id if eos_token_id is _UNSET else eos_token_id)
     seq2seq = hasattr(model, "encode")
     _check_inputs(config, input_ids, max_new_tokens, attention_mask, src if seq2seq else None,
                   src_mask if seq2seq else None)
-    if eos_token_id is _UNSET:
-        eos_token_id = config.eos_token_id
+    eos_token_id = settings.eos_token_id
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos_token_id or 0)
     B, P = input_ids.shape
@@ -286,8 +296,8 @@ def generate(
         from .fast_decode import fast_generate
         return fast_generate(model, input_ids, max_new_tokens, compile=compile, use_cache=use_cache,
                              cache_implementation=cache_implementation, cache_config=cache_config,
-                             output_logits=output_logits, src=src, do_sample=do_sample, temperature=temperature,
-                             top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                             output_logits=output_logits, src=src, **settings.generate_kwargs(),
+                             eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                              generator=generator, attention_mask=attention_mask, streamer=streamer)
     if attention_mask is not None:
         attention_mask = attention_mask.long()
@@ -310,7 +320,8 @@ def generate(
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         logits = stepper(input_ids, cache, attention_mask, position_ids)  # prefill: (B, V)
         for step in range(max_new_tokens):
-            token = sample_next_token(logits, do_sample, temperature, top_k, top_p, generator)
+            token = sample_next_token(logits, settings.do_sample, settings.temperature, settings.top_k,
+                                      settings.top_p, generator)
             if eos_token_id is not None:
                 token = token.masked_fill(finished, pad_token_id)
             if output_logits:

@@ -12,27 +12,153 @@ The order is fixed and matches common practice (Hugging Face, vLLM):
 Removed tokens get ``-inf`` so that ``softmax`` gives them probability 0 and the survivors
 are renormalised.  All functions work on a batch: ``logits`` is ``(B, V)``.
 Cost: top-k is ``O(V log k)``; top-p sorts, ``O(V log V)`` per row.
+
+**One set of settings.**  :class:`SamplingSettings` carries everything that decides which
+token comes next (greedy or sampled, temperature, top-k, top-p, the random source, the stop
+token) for every generation path, and :func:`validate_sampling_args` is the one check of
+those values (each error names the parameter, the value and what was expected).  The paths
+keep their own *defaults*, because the APIs they reproduce differ:
+
+* ``generate`` / ``model.generate`` / ``FastDecoder.generate``: ``do_sample=False,
+  temperature=1.0``, so **greedy**: Hugging Face's convention, sampling is opt-in.
+* ``EnhancedTransformer.generate``: ``temperature=1.0``, ``do_sample`` unset, so it
+  **samples**: the KV-cache tutorial's convention (``temperature=0`` for greedy).
+* ``SpeculativeDecoder`` / ``speculative_generate`` / ``SpecDecodingPair``: ``temperature=0.0``,
+  ``do_sample`` unset, so **greedy**: the speculative guide's default, where the output then
+  equals the target's greedy output token for token.
+* ``generate.py``: ``--temperature 0.8 --top-k 200 --top-p 0.95``, so it **samples** text
+  (``--temperature 0`` for the encoder-decoder tasks, which have one right answer).
+
+``do_sample`` unset (``None``) means "sample iff ``temperature > 0``"; ``temperature == 0``
+is greedy whatever ``do_sample`` says, and ``do_sample=False`` is greedy whatever the
+temperature.  So the same values mean the same on every path: the same tokens when greedy,
+the same distribution when sampling (``FastDecoder`` draws its own noise on the device).
 """
 
 from __future__ import annotations
 
 import math
+import operator
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+#: The rule of each sampling value: ``name -> (test, what is expected)``.  The API's errors
+#: (``top_p must be None or a number in (0, 1], got 1.5``) and generate.py's flags (``argument
+#: --top-p: expected a number in (0, 1] (1 = off), got '1.5'``) are both worded from it.
+SAMPLING_RULES = {
+    "temperature": (lambda v: _number(v) and _finite(v) and v >= 0, "a finite number >= 0 (0 means greedy)"),
+    "top_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1"),
+    "top_p": (lambda v: _number(v) and 0.0 < v <= 1.0, "a number in (0, 1]"),  # nan fails every comparison
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and -2 ** 63 <= v < 2 ** 64,
+             "an int in [-2**63, 2**64) (what torch.Generator.manual_seed takes)"),
+    "generator": (lambda v: isinstance(v, torch.Generator), "a torch.Generator"),
+    "eos_token_id": (lambda v: not isinstance(v, bool) and _index(v) is not None, "an int token id"),
+}
+#: values that may also be ``None`` (then: no top-k / no top-p / torch's global RNG / never stop)
+_OPTIONAL = ("top_k", "top_p", "seed", "generator", "eos_token_id")
+
+
+def _index(v) -> Optional[int]:
+    try:
+        return operator.index(v)  # int, numpy int, 0-d integer tensor
+    except TypeError:
+        return None
+
+
+def sampling_value_problem(name: str, value) -> Optional[str]:
+    """What sampling setting ``name`` must be if ``value`` breaks its rule, else ``None``
+    (``None`` itself is not considered: the caller decides whether it is allowed)."""
+    test, expected = SAMPLING_RULES[name]
+    return None if test(value) else expected
+
+
 def validate_sampling_args(temperature: float = 1.0, top_k: Optional[int] = None,
-                           top_p: Optional[float] = None) -> None:
-    """Raise a ``ValueError`` naming the first invalid sampling parameter."""
-    if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
-            or not math.isfinite(temperature) or temperature < 0):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool)
-                              or not 0.0 < top_p <= 1.0):  # also refuses nan (every comparison is False)
-        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+                           top_p: Optional[float] = None, **more) -> None:
+    """The one check of sampling settings: raise a ``ValueError`` naming the first invalid one.
+
+    ``more`` may hold ``seed``, ``generator`` and ``eos_token_id`` (see :class:`SamplingSettings`).
+    Pure Python on the values given: no tensor work, no host sync.
+    """
+    unknown = sorted(set(more) - set(SAMPLING_RULES))
+    if unknown:
+        raise TypeError(f"validate_sampling_args() got unknown settings {unknown}; expected {list(SAMPLING_RULES)}")
+    values = dict(temperature=temperature, top_k=top_k, top_p=top_p, **more)
+    for name, value in values.items():
+        if value is None and name in _OPTIONAL:
+            continue
+        expected = sampling_value_problem(name, value)
+        if expected is not None:
+            hint = "None or " if name in _OPTIONAL else ""
+            raise ValueError(f"{name} must be {hint}{expected}, got {value!r}")
+    if values.get("seed") is not None and values.get("generator") is not None:
+        raise ValueError("give either generator or seed, not both (a seed makes a new generator)")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How the next token is chosen, for every generation path; validated when built.
+
+    Args:
+        temperature: ``>= 0``, finite; ``0`` is greedy (any tiny positive value works too).
+        top_k: keep the ``k`` most likely tokens (``None``: all).
+        top_p: then keep the smallest set with this much probability, in ``(0, 1]`` (``None``: all).
+        do_sample: ``False`` is greedy whatever the temperature; ``True`` samples (unless
+            ``temperature == 0``); ``None`` (unset) samples iff ``temperature > 0``.  Stored
+            resolved: always a ``bool`` after construction.
+        seed / generator: the random source (at most one; neither: torch's global RNG).
+        eos_token_id: the token that stops a row (``None``: never stop early); stored as ``int``.
+
+    ``SamplingSettings(0.7, top_k=50)`` samples; ``SamplingSettings()`` is greedy.
+    """
+
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    do_sample: Optional[bool] = None
+    seed: Optional[int] = None
+    generator: Optional[torch.Generator] = field(default=None, repr=False, compare=False)
+    eos_token_id: Optional[int] = None
+
+    def __post_init__(self):
+        validate_sampling_args(self.temperature, self.top_k, self.top_p, seed=self.seed, generator=self.generator,
+                               eos_token_id=self.eos_token_id)
+        do_sample = self.temperature > 0 if self.do_sample is None else bool(self.do_sample)
+        object.__setattr__(self, "do_sample", do_sample)
+        if self.eos_token_id is not None:
+            object.__setattr__(self, "eos_token_id", operator.index(self.eos_token_id))
+
+    @property
+    def greedy(self) -> bool:
+        """Take the argmax: ``do_sample`` is off or ``temperature == 0``."""
+        return not self.do_sample or self.temperature == 0
+
+    def make_generator(self, device=None) -> Optional[torch.Generator]:
+        """The random source: ``generator`` if given, else a new one on ``device`` seeded with
+        ``seed``, else ``None`` (torch's global RNG).  Call once per generation."""
+        if self.generator is not None:
+            return self.generator
+        if self.seed is not None:
+            return torch.Generator(device=device).manual_seed(self.seed)
+        return None
+
+    def generate_kwargs(self) -> dict:
+        """``do_sample, temperature, top_k, top_p`` as keyword arguments of ``generate`` /
+        ``speculative_generate`` (``do_sample`` resolved, so every path reads them alike)."""
+        return dict(do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
