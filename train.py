@@ -28,7 +28,11 @@ What happens (language model):
 5. At the end: the loss of ``best/`` on the *whole* validation split, written to
    ``metrics.json`` with the wall time and throughput.
 
-Layout of ``--out-dir`` (see :mod:`transformer.training`)::
+The loop (:func:`run`) is the same for both kinds of model: what differs -- the data, the loss,
+the scores, what a checkpoint carries -- is a task of :mod:`transformer.tasks`
+(``LanguageModelTask``, ``Seq2SeqTask``), and every other part comes from :mod:`transformer.training`.
+
+Layout of ``--out-dir`` (see :mod:`transformer.run_dir`)::
 
     out/best/  out/last/  out/tokenizer.model  out/metrics.json  out/log.jsonl
 
@@ -54,6 +58,7 @@ write of ``last/`` (after the old checkpoint was moved aside, before the new one
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -62,7 +67,6 @@ import signal
 import sys
 import time
 import types
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -72,13 +76,10 @@ from transformer import checkpoint as ckpt_mod
 from transformer import training as T
 from transformer.checkpoint import CheckpointError, load_checkpoint, save_model
 from transformer.config import ACTIVATIONS, NORMS, POS_ENCODINGS, ModelConfig
-from transformer.data import (BOS_ID, EOS_ID, PAD_ID, SEQ2SEQ_TASKS, MixedBatches, TokenDataset, bits_per_char,
-                              count_chars, load_corpus, make_seq2seq_batch, split_documents, tokenize_documents)
-from transformer.encoder_decoder import EncoderDecoderTransformer
-from transformer.model import DecoderOnlyTransformer
+from transformer.data import SEQ2SEQ_TASKS
 from transformer.run_dir import (RunFiles, WriteFailed, check_inputs_outside, write_failure_message,
                                   write_json_atomic, writing)
-from transformer.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from transformer.tasks import TASKS, Task
 
 #: ModelConfig fields that are not flags: the vocabulary comes from the tokenizer (or the task),
 #: the special ids from the tokenizer's fixed ids.
@@ -217,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_configs(args: argparse.Namespace):
     """``(model_overrides, TrainConfig, preset_name)`` from defaults < preset < explicit flags."""
     model_kind = args.model or "decoder"
-    preset = args.preset or ("seq2seq" if model_kind == "encoder-decoder" else "cpu")
+    preset = args.preset or TASKS[model_kind].default_preset
     model_over, train_over = T.preset_overrides(preset)
     train_names = {f.name for f in dataclasses.fields(T.TrainConfig)}
     model_names = {f.name for f in dataclasses.fields(ModelConfig)} - _MODEL_FIELDS_NOT_FLAGS
@@ -260,6 +261,16 @@ def log(ctx: T.Distributed, *parts) -> None:
         tqdm.write(" ".join(str(p) for p in parts), file=sys.stdout)
 
 
+@contextlib.contextmanager
+def exit_on(*errors):
+    """Turn ``errors`` raised in the block into ``SystemExit("error: ...")``: one line naming the
+    setting, no traceback (bad ``--data``, ``--tokenizer``, ``--teacher``...)."""
+    try:
+        yield
+    except errors as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def sigkill_in_save_hook(nth_last_save: int):
     """Test hook: returns ``on_save(count)`` that arms a SIGKILL inside the ``nth`` save of last/.
 
@@ -283,48 +294,6 @@ def sigkill_in_save_hook(nth_last_save: int):
         fake_os.rename = rename
         ckpt_mod.os = fake_os
     return on_save
-
-
-# --------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------
-
-def prepare_text(tcfg: T.TrainConfig, ctx: T.Distributed, files: RunFiles, resume_dir: Optional[Path]):
-    """Corpus -> (tokenizer, tokenizer_file, train ids, val ids, val characters).
-
-    Rank 0 trains and saves the tokenizer; the other ranks wait, then load the saved file, so
-    every rank tokenizes with exactly the same model.
-    """
-    docs = load_corpus(tcfg.data)
-    train_docs, val_docs = split_documents(docs, tcfg.val_fraction, seed=tcfg.seed)
-    log(ctx, f"corpus: {len(docs)} documents, {count_chars(train_docs):,} train / {count_chars(val_docs):,} "
-             f"val characters; validation documents: {', '.join(d.name for d in val_docs[:6])}"
-             f"{' ...' if len(val_docs) > 6 else ''}")
-    source = resume_dir or (Path(tcfg.tokenizer) if tcfg.tokenizer else None)
-    if ctx.is_main:
-        with writing(files.root):
-            files.root.mkdir(parents=True, exist_ok=True)
-        if source is not None:
-            tok = load_tokenizer(source)
-            log(ctx, f"tokenizer: reused {tok!r} from {source}")
-        elif tcfg.tokenizer_type == "bytes":
-            tok = ByteTokenizer()
-        else:
-            t0 = time.time()
-            tok = Tokenizer.train(train_docs, vocab_size=tcfg.vocab_size, model_type=tcfg.tokenizer_type)
-            log(ctx, f"tokenizer: trained {tcfg.tokenizer_type} with vocab {tok.vocab_size} on the training "
-                     f"split in {time.time() - t0:.1f}s -> {files.root}")
-        with writing(files.root / tok.FILENAME):
-            files.save_tokenizer(tok, source)
-    T.barrier(ctx)
-    tok = load_tokenizer(files.root)
-    tok_file = files.root / tok.FILENAME
-    train_ids = tokenize_documents(train_docs, tok)
-    val_ids = tokenize_documents(val_docs, tok)
-    val_chars = count_chars(val_docs)
-    log(ctx, f"tokens: {len(train_ids):,} train, {len(val_ids):,} val "
-             f"({val_chars / max(1, len(val_ids) - 1):.2f} characters per validation token)")
-    return tok, tok_file, train_ids, val_ids, val_chars
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,46 +344,9 @@ def load_resume_state(args, tcfg: T.TrainConfig, files: RunFiles):
     return ckpt, T.train_config_from_dict(merged), ckpt.train_state.get("preset", "?")
 
 
-def load_teacher(tcfg: T.TrainConfig, mcfg: ModelConfig, device: torch.device) -> torch.nn.Module:
-    """The frozen model to distil from (``--teacher``): same vocabulary, eval mode, no gradients."""
-    try:
-        teacher = ckpt_mod.load_model(tcfg.teacher, device=device,
-                                      hint="train the teacher first (python train.py) or pass its run directory")[0]
-    except (CheckpointError, OSError) as e:
-        raise SystemExit(f"error: --teacher {tcfg.teacher!r}: {e}")
-    tv = teacher.config.vocab_size
-    if hasattr(teacher, "encode") or tv != mcfg.vocab_size:
-        raise SystemExit(f"error: --teacher {tcfg.teacher!r} must be a decoder-only model with this run's "
-                         f"vocabulary ({mcfg.vocab_size} tokens), got {type(teacher).__name__} with {tv}: "
-                         f"pass --tokenizer with the teacher's run directory so both share one tokenizer")
-    if teacher.config.pos_encoding == "learned" and teacher.config.max_seq_len < tcfg.block_size:
-        raise SystemExit(f"error: --teacher {tcfg.teacher!r} has max_seq_len={teacher.config.max_seq_len} "
-                         f"< --block-size {tcfg.block_size}")
-    teacher.requires_grad_(False)
-    return teacher.eval()
-
-
-def teacher_text_batches(ctx: T.Distributed, tcfg: T.TrainConfig, teacher, train_ids, stream: TokenDataset,
-                         device: torch.device, no_progress: bool) -> MixedBatches:
-    """``--teacher-samples``: the teacher writes its text (same seed on every rank, and again on
-    ``--resume``), which then fills ``--teacher-mix`` of every batch."""
-    length = min(tcfg.block_size + 1, teacher.config.max_seq_len)
-    prompt_len = min(32, length // 2)
-    log(ctx, f"the teacher writes {tcfg.teacher_samples} continuations of {length - prompt_len} tokens after "
-             f"{prompt_len}-token training-text prompts (greedy, T=0.8, T=1.0) ...")
-    t0 = time.perf_counter()
-    bar = tqdm(total=tcfg.teacher_samples, desc="teacher text", unit="seq", dynamic_ncols=True,
-               disable=not ctx.is_main or no_progress)
-    seqs = T.teacher_continuations(teacher, train_ids, tcfg.teacher_samples, length, prompt_len=prompt_len,
-                                   seed=tcfg.seed, progress=lambda done: bar.update(done - bar.n))
-    bar.close()
-    rows = round(tcfg.teacher_mix * tcfg.batch_size)
-    log(ctx, f"teacher text: {seqs.numel():,} tokens in {time.perf_counter() - t0:.0f} s; {rows} of every "
-             f"{tcfg.batch_size} rows per batch come from it")
-    return MixedBatches(stream, seqs, rows, seed=tcfg.seed + 7919 + ctx.rank, device=device)
-
-
 def run(args, model_over, tcfg: T.TrainConfig, preset: str, ctx: T.Distributed, device: torch.device) -> int:
+    """Train from scratch (or from ``last/`` with ``--resume``) to ``metrics.json``.  The loop never asks
+    which kind of model it trains: the task (:mod:`transformer.tasks`) supplies what depends on it."""
     t_start = time.time()
     threads = T.set_threads(tcfg.threads, ctx.world_size) if device.type == "cpu" else torch.get_num_threads()
     files = RunFiles(tcfg.out_dir)
@@ -429,26 +361,14 @@ def run(args, model_over, tcfg: T.TrainConfig, preset: str, ctx: T.Distributed, 
     dtype = T.resolve_dtype(tcfg.dtype, device)
     log(ctx, f"preset {preset}; device {device} ({dtype}), {threads} CPU threads per process, "
              f"{ctx.world_size} process(es)")
+    # What differs between a language model and seq2seq (data, loss, scores) is the task's business.
+    task: Task = TASKS[tcfg.model](tcfg, ctx, device, dtype, log=lambda text: log(ctx, text),
+                                   show_progress=ctx.is_main and not args.no_progress)
 
     # ---- data and model ----------------------------------------------------------------
-    if tcfg.model == "decoder":
-        try:
-            tok, tok_file, train_ids, val_ids, val_chars = prepare_text(tcfg, ctx, files,
-                                                                        files.last if ckpt else None)
-        except (OSError, ValueError, ModuleNotFoundError) as e:  # bad --data / --tokenizer / --vocab-size
-            raise SystemExit(f"error: {e}")
-        model_over = dict(model_over, vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, bos_token_id=tok.bos_id,
-                          eos_token_id=tok.eos_id)
-        if args.max_seq_len is None:  # the model must see at least a whole training window
-            model_over["max_seq_len"] = max(model_over.get("max_seq_len", 0), tcfg.block_size)
-    else:
-        tok = tok_file = None
-        vocab = args.vocab_size or model_over.get("vocab_size", 16)  # the task's ids: 0-2 special, 3.. symbols
-        model_over = dict(model_over, vocab_size=vocab, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-                          extra={"task": tcfg.task, "task_min_len": tcfg.task_min_len,
-                                 "task_max_len": tcfg.task_max_len})
-        need = 2 * tcfg.task_max_len + 2 if tcfg.task == "add" else tcfg.task_max_len + 2
-        model_over["max_seq_len"] = max(model_over.get("max_seq_len", 0), need)
+    with exit_on(OSError, ValueError, ModuleNotFoundError):  # bad --data / --tokenizer / --vocab-size
+        task.prepare(files, files.last if ckpt else None)
+    model_over = task.model_overrides(model_over, explicit_flags(args))
     if ckpt is not None:
         try:
             mcfg = ModelConfig.from_dict(ckpt.config)
@@ -459,12 +379,11 @@ def run(args, model_over, tcfg: T.TrainConfig, preset: str, ctx: T.Distributed, 
             mcfg = ModelConfig(**model_over)
         except (TypeError, ValueError) as e:
             raise SystemExit(f"error: model config: {e}")
-        if tcfg.model == "decoder" and tcfg.block_size > mcfg.max_seq_len:
-            raise SystemExit(f"error: --block-size {tcfg.block_size} exceeds --max-seq-len {mcfg.max_seq_len}")
+        with exit_on(T.SetupError):
+            task.check_model(mcfg)
 
     torch.manual_seed(tcfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model_cls = DecoderOnlyTransformer if tcfg.model == "decoder" else EncoderDecoderTransformer
-    raw = model_cls(mcfg).to(device)
+    raw = task.model_class(mcfg).to(device)
     if ckpt is not None:
         try:
             raw.load_state_dict(ckpt.model_state)
@@ -472,13 +391,11 @@ def run(args, model_over, tcfg: T.TrainConfig, preset: str, ctx: T.Distributed, 
             raise SystemExit(f"error: --resume: the weights in {files.last} do not fit their config (written by "
                              f"another version of this code?): {str(e).splitlines()[-1].strip()}")
     n_params = sum(p.numel() for p in raw.parameters())
-    log(ctx, f"model: {model_cls.__name__} {n_params / 1e6:.2f}M parameters; " + ", ".join(
+    log(ctx, f"model: {task.model_class.__name__} {n_params / 1e6:.2f}M parameters; " + ", ".join(
         f"{k}={v}" for k, v in mcfg.to_dict().items() if k in ("vocab_size", "d_model", "n_layers", "n_heads",
                                                               "n_kv_heads", "max_seq_len", "pos_encoding", "dropout")))
-    teacher = load_teacher(tcfg, mcfg, device) if tcfg.teacher else None
-    if teacher is not None:
-        log(ctx, f"distilling from {tcfg.teacher} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M "
-                 f"parameters), loss = {1 - tcfg.distill_weight:g} * CE + {tcfg.distill_weight:g} * KL")
+    with exit_on(T.SetupError):  # a --teacher that does not fit
+        task.prepare_loss(mcfg)
     model = raw
     if tcfg.compile:
         model = torch.compile(model)
@@ -489,14 +406,7 @@ def run(args, model_over, tcfg: T.TrainConfig, preset: str, ctx: T.Distributed, 
     optimizer = T.configure_optimizer(raw, tcfg.lr, tcfg.weight_decay, (tcfg.beta1, tcfg.beta2), device)
     scheduler = T.make_scheduler(optimizer, tcfg.warmup_steps, tcfg.max_steps, tcfg.min_lr_ratio)
     torch.manual_seed(tcfg.seed + ctx.rank)  # dropout masks differ per rank
-    if tcfg.model == "decoder":
-        data = TokenDataset(train_ids, tcfg.block_size, tcfg.batch_size, seed=tcfg.seed + ctx.rank, device=device)
-        if teacher is not None and tcfg.teacher_samples:
-            data = teacher_text_batches(ctx, tcfg, teacher, train_ids, data, device, args.no_progress)
-    else:
-        data = torch.Generator().manual_seed(tcfg.seed + ctx.rank)
-        problems = T.make_eval_problems(tcfg.task, tcfg.eval_examples, tcfg.seed + 1_000_003, tcfg.task_min_len,
-                                        tcfg.task_max_len, mcfg.vocab_size)
+    task.make_data(mcfg)
     step, best, prev_elapsed, prev_tokens = 0, math.inf, 0.0, 0
     if ckpt is not None:
         st = ckpt.train_state
@@ -506,10 +416,7 @@ def run(args, model_over, tcfg: T.TrainConfig, preset: str, ctx: T.Distributed, 
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         mine = st["ranks"][ctx.rank]
-        if tcfg.model == "decoder":
-            data.load_state_dict(mine["data"])
-        else:
-            data.set_state(mine["data"]["generator_state"])
+        task.load_data_state(mine["data"])
         T.set_rng_state(mine["rng"])
         step, best = st["step"], st["best"]
         prev_elapsed, prev_tokens = st["elapsed_s"], st["tokens_seen"]
@@ -524,22 +431,12 @@ def run(args, model_over, tcfg: T.TrainConfig, preset: str, ctx: T.Distributed, 
     save_hook = sigkill_in_save_hook(args.debug_sigkill_in_save) if args.debug_sigkill_in_save else None
     last_saves = 0
 
-    def evaluate() -> Dict[str, float]:
-        if tcfg.model == "decoder":
-            loss = T.evaluate_lm(raw, val_ids, tcfg.block_size, tcfg.batch_size, tcfg.eval_batches or None, device,
-                                 dtype, ctx.rank, ctx.world_size)
-            return {"val_loss": loss}
-        acc, loss = T.evaluate_seq2seq(raw, problems, device=device)
-        return {"val_loss": loss, "exact_match": acc}
-
     def save(step: int, improved: bool) -> None:
         nonlocal last_saves
-        states = T.all_gather_objects(ctx, {
-            "data": data.state_dict() if tcfg.model == "decoder" else {"generator_state": data.get_state()},
-            "rng": T.rng_state()})
+        states = T.all_gather_objects(ctx, {"data": task.data_state(), "rng": T.rng_state()})
         if not ctx.is_main:
             return
-        extra = {tok_file.name: tok_file} if tok_file else None
+        extra = task.files_to_save()
         if improved:
             with writing(files.best):
                 save_model(files.best, raw, extra_files=extra)
@@ -554,7 +451,6 @@ def run(args, model_over, tcfg: T.TrainConfig, preset: str, ctx: T.Distributed, 
             save_model(files.last, raw, train_state=train_state, extra_files=extra)
 
     tuner = T.ThreadTuner(threads) if device.type == "cpu" and tcfg.threads == 0 else None
-    tokens_per_step = tcfg.batch_size * (tcfg.block_size if tcfg.model == "decoder" else 1) * ctx.world_size
     tokens_seen, train_time, loss_ema, last_loss = prev_tokens, 0.0, None, float("nan")
     bar = tqdm(total=tcfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                disable=not ctx.is_main or args.no_progress, mininterval=0.5, smoothing=0.05)
@@ -563,19 +459,7 @@ def run(args, model_over, tcfg: T.TrainConfig, preset: str, ctx: T.Distributed, 
         if tuner:
             tuner.before_step()
         t0 = time.perf_counter()
-        if tcfg.model == "decoder":
-            x, y = data.next_batch()
-            with T.autocast(device, dtype):
-                loss = (T.lm_loss(model, x, y) if teacher is None
-                        else T.distill_loss(model, teacher, x, y, tcfg.distill_weight))
-            step_tokens = tokens_per_step
-        else:
-            batch = make_seq2seq_batch(tcfg.task, tcfg.batch_size, data, tcfg.task_min_len, tcfg.task_max_len,
-                                       mcfg.vocab_size)
-            batch = type(batch)(*(t.to(device) for t in batch))
-            with T.autocast(device, dtype):
-                loss = T.seq2seq_loss(model, batch)
-            step_tokens = int(batch.tgt_mask.sum()) * ctx.world_size
+        loss, step_tokens = task.train_loss(model)
         loss.backward()
         if tcfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw.parameters(), tcfg.grad_clip)
@@ -599,19 +483,14 @@ def run(args, model_over, tcfg: T.TrainConfig, preset: str, ctx: T.Distributed, 
                   f"tokens/s, {tuner.current if tuner else threads} threads)", flush=True)
 
         if step % tcfg.eval_interval == 0 or step == tcfg.max_steps:
-            metrics = evaluate()
+            metrics = task.evaluate(raw)
             improved = metrics["val_loss"] < best
             best = min(best, metrics["val_loss"])
             record = {"step": step, "train_loss": last_loss, "lr": scheduler.get_last_lr()[0], **metrics,
                       "tokens_seen": tokens_seen, "elapsed_s": round(prev_elapsed + train_time, 2)}
-            text = f"step {step}: train loss {loss_ema:.4f}, val loss {metrics['val_loss']:.4f}"
-            if tcfg.model == "decoder":
-                bpc = bits_per_char(metrics["val_loss"], val_chars / (len(val_ids) - 1))
-                record["val_bits_per_char"] = bpc
-                subset = "" if not tcfg.eval_batches else f" (first {tcfg.eval_batches} batches; bpc estimated)"
-                text += f" = {bpc:.3f} bits/char{subset}"
-            else:
-                text += f", exact match {metrics['exact_match']:.1%} on {tcfg.eval_examples} held-out problems"
+            more_fields, more_text = task.describe(metrics)
+            record.update(more_fields)
+            text = f"step {step}: train loss {loss_ema:.4f}, val loss {metrics['val_loss']:.4f}" + more_text
             if ctx.is_main:
                 with writing(files.log):
                     files.append_log(record)
@@ -627,20 +506,7 @@ def run(args, model_over, tcfg: T.TrainConfig, preset: str, ctx: T.Distributed, 
     result: Dict[str, Any] = {"model": tcfg.model, "preset": preset, "steps": step, "parameters": n_params,
                               "final_train_loss": last_loss, "train_config": dataclasses.asdict(tcfg),
                               "model_config": mcfg.to_dict()}
-    if tcfg.model == "decoder":
-        t0 = time.time()
-        loss = T.evaluate_lm(raw, val_ids, tcfg.block_size, tcfg.batch_size, None, device, dtype, ctx.rank,
-                             ctx.world_size)
-        cpt = val_chars / (len(val_ids) - 1)
-        result.update(val_loss=loss, val_bits_per_char=bits_per_char(loss, cpt), val_chars_per_token=cpt,
-                      val_tokens=len(val_ids), val_chars=val_chars, tokenizer=repr(tok), eval_time_s=time.time() - t0)
-        log(ctx, f"final: best/ on the whole validation split ({len(val_ids):,} tokens, {val_chars:,} characters): "
-                 f"loss {loss:.4f} nats/token = {result['val_bits_per_char']:.3f} bits/char")
-    else:
-        acc, loss = T.evaluate_seq2seq(raw, problems, device=device)
-        result.update(val_loss=loss, exact_match=acc, task=tcfg.task, eval_examples=tcfg.eval_examples)
-        log(ctx, f"final: best/ exact match {acc:.2%} on {tcfg.eval_examples} held-out '{tcfg.task}' problems "
-                 f"(greedy decoding with the KV cache), loss {loss:.4f}")
+    result.update(task.final_evaluation(raw))
     elapsed = prev_elapsed + train_time
     result.update(train_time_s=elapsed, tokens_seen=tokens_seen, tokens_per_s=tokens_seen / max(elapsed, 1e-9),
                   wall_time_s=time.time() - t_start, resumed=ckpt is not None, world_size=ctx.world_size,

@@ -11,7 +11,8 @@ helpers make that cheap:
 * :func:`set_threads` pins ``torch``'s intra-op thread count (default: the cores this process
   may use) so that every mode of a comparison runs with the same setting.
 * :func:`machine_description` / :func:`format_machine` say where the numbers came from (CPU
-  model, cores, threads, torch / Python versions).
+  model, cores, threads, torch / Python versions), from the machine helpers training uses too
+  (:mod:`transformer.machine`: ``available_cores``, ``cpu_model``, ``load_average``).
 * :func:`markdown_table` / :func:`print_table` render rows as a GitHub-markdown table.
 * :func:`write_results` saves the numbers (JSON) and, optionally, the tables (Markdown) side
   by side, so a README number can be traced back to a file and a command.
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from transformer.machine import available_cores, cpu_model, load_average  # noqa: F401  (re-exported)
 
 
 # --------------------------------------------------------------------------- timing
@@ -99,12 +102,8 @@ def time_fn(fn: Callable[[], Any], warmup: int = 1, repeats: int = 5) -> TimingR
 
 
 # --------------------------------------------------------------------------- machine
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask), falling back to ``os.cpu_count``."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+# The machine helpers are shared with training (transformer/machine.py): one answer to "how many
+# cores may this process use", "which CPU is this", "how busy is it".
 
 
 def set_threads(num_threads: Optional[int] = None) -> int:
@@ -116,30 +115,10 @@ def set_threads(num_threads: Optional[int] = None) -> int:
     return torch.get_num_threads()
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def load_average() -> Optional[List[float]]:
-    """The 1/5/15-minute load averages (``None`` where the OS has none).  A value near the core
-    count *before* a benchmark starts means other work competes for the CPU: expect noise."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
 def machine_description() -> Dict[str, Any]:
     """Where a benchmark ran: CPU model, cores, torch threads, versions, date (a JSON-able dict)."""
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "available_cores": available_cores(),
         "torch_threads": torch.get_num_threads(),

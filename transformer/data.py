@@ -313,7 +313,7 @@ class MixedBatches:
     generator.  :meth:`state_dict` / :meth:`load_state_dict` resume both exactly, as
     :class:`TokenDataset` does; the sequences themselves are not saved (rebuild them with the
     same seed).  Used by ``train.py --teacher`` with ``--teacher-samples``
-    (:func:`transformer.training.teacher_continuations`).
+    (:func:`transformer.distill.teacher_continuations`).
 
     Cost per batch: the stream's batch plus a gather of ``rows * L`` ids.
     """
