@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .layers import DeferredMask, Linear, apply_rotary
+from .layers import Linear, MaskPlan, apply_rotary
 
 
 def _to_bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -34,6 +34,14 @@ def _to_bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
 def _from_bshd(t: torch.Tensor, layout: str) -> torch.Tensor:
     """View a freshly projected ``(B, S, H, D)`` tensor in a cache's layout (no copy)."""
     return t.transpose(1, 2) if layout == "bhsd" else t
+
+
+def _angles(table: torch.Tensor, positions: torch.Tensor, heads_at: int) -> torch.Tensor:
+    """Rows ``positions`` (``(n,)`` or ``(B, n)``) of a ``(L, D/2)`` angle table, shaped to
+    broadcast over a tensor whose heads axis is ``heads_at`` (from the end: -3 for ``(B, H, n,
+    D)`` keys, -2 for ``(B, S, H, D)`` queries)."""
+    rows = table[positions]  # (n, D/2) or (B, n, D/2)
+    return rows.unsqueeze(heads_at) if rows.dim() >= -heads_at else rows
 
 
 class Attention(nn.Module):
@@ -79,9 +87,9 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         *,
-        mask: Optional[torch.Tensor] = None,
-        is_causal: bool = False,
+        mask=None,
         rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        rotary=None,
         cache=None,
         layer_idx: int = 0,
         cache_position: Optional[torch.Tensor] = None,
@@ -91,13 +99,12 @@ class Attention(nn.Module):
 
         Args:
             x: ``(B, S, d_model)`` queries' input.
-            mask: boolean ``(B or 1, 1, S, kv_len)``, ``True`` = may attend; or ``None``; or a
-                :class:`~transformer.layers.DeferredMask`, built after the cache update (caches
-                that drop tokens say only then which keys they returned).
-            is_causal: use the built-in causal mask (only valid when no cache history exists).
-            rope: ``(cos, sin)`` from :class:`~transformer.layers.RotaryEmbedding`, or ``None``.
-                With a cache whose ``positions_in_cache`` is set (StreamingLLM), ``rope`` is the
-                table of positions ``0..L-1`` and keys are rotated *after* the update.
+            mask: a :class:`~transformer.layers.MaskPlan` (built here, after the cache update,
+                from the positions the cache reports), a boolean ``(B or 1, 1, S, kv_len)``
+                tensor (``True`` = may attend), or ``None`` (attend to every key).
+            rope: ``(cos, sin)`` of the new tokens' positions, from ``rotary``, or ``None``.
+            rotary: the :class:`~transformer.layers.RotaryEmbedding`, for a cache that gives
+                other rotary positions after its update (``cache.rotary_positions``).
             cache: self-attention: a ``kv_cache.Cache``; cross-attention: an
                 ``EncoderDecoderCache`` (its cross half is filled once, then reused).
             layer_idx: which layer of the cache this module owns.
@@ -105,13 +112,17 @@ class Attention(nn.Module):
             memory: ``(B, S_src, d_model)`` encoder output (cross-attention only).
         """
         B, S, _ = x.shape
+        is_causal = isinstance(mask, MaskPlan) and mask.is_causal
         if self.is_cross:
             q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
             k, v = self._cross_kv(memory, cache, layer_idx)
         else:
             q, k, v = self.project_qkv(x)
-            rotate_after = rope is not None and cache is not None and getattr(cache, "positions_in_cache", False)
-            if rope is not None and not rotate_after:
+            # Usually keys are rotated once, at their absolute position, and cached rotated; a
+            # cache that gives rotary positions of its own (StreamingLLM) takes them unrotated
+            # and, after its update, says where to rotate the keys it returns and the queries.
+            late = None if cache is None or rope is None else cache.rotary_positions(layer_idx)
+            if rope is not None and late is None:
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             if cache is None:
                 k, v = k.transpose(1, 2), v.transpose(1, 2)
@@ -119,29 +130,19 @@ class Attention(nn.Module):
                 layout = cache.layout
                 k, v = cache.update(_from_bshd(k, layout), _from_bshd(v, layout), layer_idx, cache_position)
                 k, v = _to_bhsd(k, layout), _to_bhsd(v, layout)
-                if rotate_after:
-                    q, k = self._rotate_in_cache(q, k, rope, cache, layer_idx)
-            if isinstance(mask, DeferredMask):
-                mask = mask.build(cache, layer_idx)
+                if late is not None:
+                    key_pos, query_pos = cache.rotary_positions(layer_idx)  # those of this update, in 0..n-1
+                    cos, sin = rotary.table(k.shape[2], k.device)  # (n, D/2)
+                    k = apply_rotary(k, _angles(cos, key_pos, -3), _angles(sin, key_pos, -3))  # k: (B, H_kv, n, D)
+                    q = apply_rotary(q, _angles(cos, query_pos, -2), _angles(sin, query_pos, -2))  # q: (B, S, H, D)
+        if isinstance(mask, MaskPlan):
+            mask = mask.build(cache, layer_idx)
         y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal and mask is None,
+            q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, H, S, D)
         y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
         return self.resid_dropout(self.out_proj(y))
-
-    @staticmethod
-    def _rotate_in_cache(q, k, rope, cache, layer_idx):
-        """StreamingLLM's positions: rotate the ``n`` returned keys ``(B, H_kv, n, D)`` by their
-        position inside the cache and the ``S`` queries ``(B, S, H, D)`` by ``n - S .. n - 1``.
-        ``rope`` holds the angles of positions ``0..L-1``.  Cost: one rotation of ``n`` keys."""
-        cos, sin = rope  # (1, L, 1, D/2)
-        n, S = k.shape[2], q.shape[1]
-        where = cache.key_positions(layer_idx, in_cache=True)
-        # (n, D/2) angles broadcast over (B, H_kv, n, D): rotating in place of layout, no transposes
-        k = apply_rotary(k, cos[0, :, 0][where], sin[0, :, 0][where])
-        q = apply_rotary(q, cos[:, n - S:n], sin[:, n - S:n])
-        return q, k
 
     def _cross_kv(self, memory, cache, layer_idx):
         """Keys/values of the encoder output in ``(B, H_kv, S_src, D)``: projected or cached."""

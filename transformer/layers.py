@@ -122,6 +122,16 @@ class RotaryEmbedding(nn.Module):
         angles = position_ids.float().unsqueeze(-1) * inv_freq  # (B, S, hd/2), float32
         return angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
 
+    def table(self, n: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of positions ``0..n-1``, ``(n, head_dim/2)`` each, to index with
+        positions known only as a tensor (a cache's positions inside it).  The last table is
+        kept, so a stream whose cache is full computes it once.  Cost: ``O(n * head_dim)``."""
+        key = n, torch.device(device), torch.is_inference_mode_enabled()
+        if getattr(self, "_table", None) is None or self._table[0] != key:
+            cos, sin = self(torch.arange(n, device=device)[None])
+            self._table = key, (cos[0, :, 0], sin[0, :, 0])
+        return self._table[1]
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` ``(B, S, H, head_dim)`` by the angles in ``cos``/``sin`` ``(B, S, 1, head_dim/2)``."""
@@ -130,74 +140,115 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.to(x.dtype)
 
 
-def causal_mask(query_positions: torch.Tensor, kv_len: int,
-                key_padding_mask: Optional[torch.Tensor] = None, window: Optional[int] = None) -> torch.Tensor:
-    """Boolean attention mask (``True`` = may attend) for causal attention over a cache.
+def attention_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
+                   key_padding_mask: Optional[torch.Tensor] = None, window: Optional[int] = None,
+                   retention: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The one attention-mask builder: which key each query may see, from their positions.
+
+    Causal attention, left padding, a sliding window and a cache that drops or reorders tokens
+    are all the same question asked of positions: query at position ``q`` may see the key at
+    position ``k`` iff ``k <= q`` (causal), ``q - k < window`` (sliding window), the key is not
+    padding, and the cache's policy still held it when ``q`` came (``retention``).
 
     Args:
-        query_positions: ``(S,)`` or ``(B, S)`` -- the cache slot of each query token.
-        kv_len: number of key slots attention sees.
-        key_padding_mask: optional ``(B, >=kv_len)``, 1/True for real tokens, 0 for padding.
-        window: optional sliding window: key ``j`` must also satisfy ``position - j < window``.
+        query_positions: ``(S,)`` or ``(B, S)`` absolute positions of the new tokens.
+        key_positions: ``(n,)``, ``(B, n)`` or ``(B, H, n)`` absolute positions of the keys
+            attention reads, in the order it reads them (``cache.key_positions``: ring order
+            for a window cache, per row and head for an importance cache).
+        key_padding_mask: optional ``(B, > max position)``, 1/True for real tokens, indexed by
+            position.
+        window: optional sliding window.
+        retention: optional boolean ``(..., S, n)`` from ``cache.retention_mask``, ANDed in.
 
-    Returns ``(B or 1, 1, S, kv_len)``.  A query may see key ``j`` iff ``j <= position`` and
-    key ``j`` is not padding.  A query always sees itself, so a padding query never has
-    an all-masked row (which would turn softmax into NaN and poison the values it feeds).
-    Cost: ``O(B * S * kv_len)`` booleans.
+    Returns boolean ``(B or 1, H or 1, S, n)``, ``True`` = may attend.  A query always sees
+    itself, so a padding query never gets an all-masked row (softmax would give NaN).
+    Cost: ``O(B * H * S * n)`` booleans (``H`` only for per-head key positions).
     """
-    keys = torch.arange(kv_len, device=query_positions.device)
-    qp = query_positions.unsqueeze(-1)  # (..., S, 1)
-    allowed = keys <= qp  # (..., S, kv_len)
-    if window is not None:
-        allowed = allowed & (qp - keys < window)
-    if key_padding_mask is not None:
-        pad_ok = key_padding_mask[:, :kv_len].bool().unsqueeze(1)  # (B, 1, kv_len)
-        allowed = (allowed & pad_ok) | (keys == qp)
-    if allowed.dim() == 2:
-        allowed = allowed.unsqueeze(0)
-    return allowed.unsqueeze(1)
-
-
-def key_position_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
-                      key_padding_mask: Optional[torch.Tensor] = None, window: Optional[int] = None,
-                      retention: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """:func:`causal_mask` for keys at arbitrary absolute positions (a cache that drops tokens).
-
-    ``query_positions`` ``(S,)`` / ``(B, S)`` and ``key_positions`` ``(n,)`` / ``(B, n)`` are
-    absolute slots; ``key_padding_mask`` ``(B, > max slot)`` is indexed by slot; ``retention``
-    (``(..., S, n)``, from ``cache.retention_mask``) is ANDed in.  Returns boolean
-    ``(B or 1, 1, S, n)``; a query always sees itself.  Cost: ``O(B * S * n)`` booleans.
-    """
-    qp, kp = query_positions.unsqueeze(-1), key_positions.unsqueeze(-2)  # (..., S, 1), (..., 1, n)
+    qp = _as_bhsn(query_positions.unsqueeze(-1))  # (B or 1, 1, S, 1)
+    kp = _as_bhsn(key_positions.unsqueeze(-2))    # (B or 1, H or 1, 1, n)
     allowed = kp <= qp
     if window is not None:
         allowed = allowed & (qp - kp < window)
     if retention is not None:
-        allowed = allowed & retention
+        allowed = allowed & _as_bhsn(retention)
     if key_padding_mask is not None:
         B = key_padding_mask.shape[0]
-        slots = key_positions.expand(B, key_positions.shape[-1])
-        pad_ok = key_padding_mask.bool().gather(1, slots).unsqueeze(1)  # (B, 1, n)
-        allowed = (allowed & pad_ok) | (kp == qp)
-    if allowed.dim() == 2:
-        allowed = allowed.unsqueeze(0)
-    return allowed.unsqueeze(1)
+        rows = key_positions.expand(B, -1) if key_positions.dim() == 1 else key_positions  # (B, n) or (B, H, n)
+        pad_ok = key_padding_mask.bool().gather(1, rows.reshape(B, -1)).view(rows.shape)
+        allowed = (allowed & _as_bhsn(pad_ok.unsqueeze(-2))) | (kp == qp)
+    return allowed
 
 
-class DeferredMask:
-    """The mask of a cache that drops tokens, built only once that cache has said which keys it
-    returned (``cache.key_positions`` after ``cache.update``).  ``Attention`` calls
-    :meth:`build`; the arguments are those of :func:`key_position_mask`."""
+def _as_bhsn(t: torch.Tensor) -> torch.Tensor:
+    """View a ``(S, n)``, ``(B, S, n)`` or ``(B, H, S, n)`` tensor as 4-D (missing dims of size 1)."""
+    if t.dim() == 2:
+        return t[None, None]
+    return t[:, None] if t.dim() == 3 else t
+
+
+def causal_mask(query_positions: torch.Tensor, kv_len: int,
+                key_padding_mask: Optional[torch.Tensor] = None, window: Optional[int] = None) -> torch.Tensor:
+    """:func:`attention_mask` over keys at positions ``0..kv_len-1`` (a cache that keeps every
+    token in order, or no cache).  Returns ``(B or 1, 1, S, kv_len)``.  A shorthand for readers
+    and tests; the model goes through :class:`MaskPlan`."""
+    keys = torch.arange(kv_len, device=query_positions.device)
+    return attention_mask(query_positions, keys, key_padding_mask, window)
+
+
+class MaskPlan:
+    """The attention mask of one forward pass, decided once by the model, built after each
+    cache update from the positions the cache reports.
+
+    ``is_causal``: no mask, use SDPA's built-in causal mask (its fastest kernel).  ``needed``:
+    build one (:meth:`build`); neither: every key the cache returns is visible (``None``).
+    See :func:`plan_mask` for the decision.  Building costs one :func:`attention_mask`; layers
+    whose cache reports the *same* key-positions tensor (a lossless cache) share it.
+    """
 
     def __init__(self, query_positions: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-                 window: Optional[int]):
+                 window: Optional[int], needed: bool, is_causal: bool = False):
         self.query_positions, self.key_padding_mask, self.window = query_positions, key_padding_mask, window
+        self.needed, self.is_causal = needed, is_causal
+        self._last = None  # (key positions, mask) of the last build, reused while the positions are the same tensor
 
-    def build(self, cache, layer_idx: int) -> torch.Tensor:
-        """``(B or 1, 1, S, n)`` boolean mask over the keys the last update of ``layer_idx`` returned."""
-        kp = cache.key_positions(layer_idx)
-        return key_position_mask(self.query_positions, kp, self.key_padding_mask, self.window,
-                                 cache.retention_mask(self.query_positions, kp))
+    def build(self, cache, layer_idx: int) -> Optional[torch.Tensor]:
+        """``(B or 1, H or 1, S, n)`` boolean mask over the keys the last update of ``layer_idx``
+        returned (or, without a cache, over the new tokens themselves); ``None`` if not needed."""
+        if not self.needed:
+            return None
+        kp = self.query_positions if cache is None else cache.key_positions(layer_idx)
+        if self._last is None or self._last[0] is not kp:
+            retention = None if cache is None else cache.retention_mask(self.query_positions, kp)
+            self._last = kp, attention_mask(self.query_positions, kp, self.key_padding_mask, self.window, retention)
+        return self._last[1]
+
+
+def plan_mask(query_positions: torch.Tensor, past: int, cache=None, key_padding_mask: Optional[torch.Tensor] = None,
+              window: Optional[int] = None, appended: bool = True) -> MaskPlan:
+    """Decide, before any cache update and without a host sync, whether a forward needs a mask.
+
+    ``S`` new tokens at ``query_positions`` after ``past`` positions (``appended``: at
+    ``past..past+S-1``).  With padding, explicit positions or a window some key lies outside
+    of, a mask is built.  Otherwise:
+
+    * a fresh prompt (``past == 0``) that the cache keeps whole (it fits ``get_max_cache_shape``
+      and ``retention_mask`` hides nothing) is plain causal attention: ``is_causal``;
+    * one appended token sees every key a cache returns (the ``Cache`` contract): no mask.
+    """
+    S = query_positions.shape[-1]
+    windowed = window is not None and past + S > window  # some key is out of some query's window
+    if key_padding_mask is not None or not appended or windowed:
+        return MaskPlan(query_positions, key_padding_mask, window, needed=True)
+    if past == 0 and (cache is None or _keeps_whole_prompt(cache, query_positions)):
+        return MaskPlan(query_positions, None, window, needed=False, is_causal=True)
+    return MaskPlan(query_positions, None, window, needed=S > 1)
+
+
+def _keeps_whole_prompt(cache, positions: torch.Tensor) -> bool:
+    """Would an empty ``cache`` hand back all of a prompt at ``positions`` ``0..S-1``, in order,
+    with nothing hidden?  Asked of its capacity and its retention policy (data, not flags)."""
+    capacity = cache.get_max_cache_shape()
+    return (capacity is None or positions.shape[-1] <= capacity) and cache.retention_mask(positions, positions) is None
 
 
 def init_weights(module: nn.Module, n_layers: int) -> None:

@@ -8,11 +8,11 @@ Two ways to run the same weights:
 * **uncached** (``cache=None``): the whole sequence in one pass with a causal mask.  This is
   training, and it is the *reference* every cache is tested against.
 * **cached**: pass a ``kv_cache.Cache``.  Each layer appends the new tokens' keys/values to
-  the cache and attends over everything stored, so a decoding step processes one token.
-  A cache that drops tokens (sliding window, attention sinks) returns only some keys and says
-  which through ``cache.key_positions``; the mask is then built from those positions after
-  the update (:class:`~transformer.layers.DeferredMask`).  ``config.sliding_window`` limits
-  attention to the most recent positions in both modes.
+  the cache and attends over what the cache returns, so a decoding step processes one token.
+  Every cache says which positions the returned keys hold (``cache.key_positions``: all of
+  them for most caches, a subset for a window or sinks) and the mask is built from those
+  positions after the update, in one place (:class:`~transformer.layers.MaskPlan`).
+  ``config.sliding_window`` limits attention to the most recent positions in both modes.
 
 Shapes: ``input_ids`` ``(B, S)`` -> logits ``(B, S, vocab_size)`` (or the last
 ``num_logits_to_keep`` positions only).
@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from .attention import Attention
 from .config import ModelConfig
-from .layers import MLP, DeferredMask, RotaryEmbedding, causal_mask, init_weights, make_norm
+from .layers import MLP, RotaryEmbedding, init_weights, make_norm, plan_mask
 
 
 class Block(nn.Module):
@@ -48,9 +48,9 @@ class Block(nn.Module):
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, *, mask=None, is_causal=False, rope=None, cache=None, layer_idx=0,
+    def forward(self, x, *, mask=None, rope=None, rotary=None, cache=None, layer_idx=0,
                 cache_position=None, memory=None, memory_mask=None, cross_cache=None):
-        x = x + self.attn(self.norm1(x), mask=mask, is_causal=is_causal, rope=rope, cache=cache,
+        x = x + self.attn(self.norm1(x), mask=mask, rope=rope, rotary=rotary, cache=cache,
                           layer_idx=layer_idx, cache_position=cache_position)
         if self.cross:
             x = x + self.cross_attn(self.norm_cross(x), mask=memory_mask, cache=cross_cache,
@@ -80,16 +80,13 @@ class TokenDecoder(nn.Module):
                 num_logits_to_keep=0, memory=None, memory_mask=None, cross_cache=None):
         B, S = input_ids.shape
         past = cache.get_seq_length(0) if cache is not None else 0
-        # A cache that is not lossless (window and sinks drop tokens, quantized approximates them)
-        # may return a subset of the keys; it says which after its update (``key_positions``),
-        # so the mask is built then.
-        lossy = cache is not None and not getattr(cache, "is_lossless", True)
-        # Cache slots of the new tokens: used by the causal mask (and by position_ids below).
-        slots = cache_position if cache_position is not None else torch.arange(past, past + S, device=input_ids.device)
+        # Positions of the new tokens (cache slots): the default append, or those given.
+        slots = torch.arange(past, past + S, device=input_ids.device) if cache_position is None \
+            else torch.atleast_1d(cache_position)
         # Largest position, known on the host when the slots are the default append (no sync).
         known_max = past + S - 1 if position_ids is None and cache_position is None else None
         if position_ids is None:
-            position_ids = slots.expand(B, S) if slots.dim() <= 1 else slots
+            position_ids = slots.expand(B, S) if slots.dim() == 1 else slots
         x = self.tok_emb(input_ids)
         rope = None
         if self.pos_emb is not None:
@@ -99,31 +96,13 @@ class TokenDecoder(nn.Module):
                     f"position {max_pos} is beyond max_seq_len={self.config.max_seq_len} of this model's "
                     f"learned position table; shorten the input or generate fewer tokens")
             x = x + self.pos_emb(position_ids)
-        elif lossy and getattr(cache, "positions_in_cache", False):
-            # StreamingLLM: keys are rotated after the update by their position inside the cache
-            # (attention does it), so here we only tabulate the angles of positions 0..n_max-1.
-            n_max = (cache.get_max_cache_shape() or past) + S
-            rope = self.rotary(torch.arange(n_max, device=input_ids.device)[None])
         else:
             rope = self.rotary(position_ids)
         x = self.drop(x)
-
-        mask, is_causal, window = None, False, self.config.sliding_window
-        if lossy:
-            if S > 1 or attention_mask is not None or window is not None:
-                mask = DeferredMask(slots, attention_mask, window)
-            # else: one appended token, no padding: such a cache returns only keys it may see.
-        else:
-            kv_len = past + S if cache_position is None else max(past, int(slots.max()) + 1)
-            windowed = window is not None and kv_len > window  # some key is out of some query's window
-            if attention_mask is None and cache_position is None and past == 0 and not windowed:
-                is_causal = True  # plain causal attention: lets SDPA use its fastest kernel
-            elif attention_mask is not None or S > 1 or cache_position is not None or windowed:
-                mask = causal_mask(slots, kv_len, attention_mask, window)
-            # else: one new token appended at the end, no padding: it may see every key.
-
+        # Decided here, built by each attention layer from the key positions its cache reports.
+        mask = plan_mask(slots, past, cache, attention_mask, self.config.sliding_window, cache_position is None)
         for i, block in enumerate(self.blocks):
-            x = block(x, mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer_idx=i,
+            x = block(x, mask=mask, rope=rope, rotary=self.rotary, cache=cache, layer_idx=i,
                       cache_position=cache_position, memory=memory, memory_mask=memory_mask,
                       cross_cache=cross_cache)
         if num_logits_to_keep:

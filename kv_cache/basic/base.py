@@ -262,12 +262,9 @@ class Cache(ABC):
     #: then describe what they returned through :meth:`key_positions` and :meth:`retention_mask`
     #: (see "Caches that drop tokens" below).
     is_lossless: bool = True
-    #: StreamingLLM's positions (Xiao et al. 2023, section 3.3).  False (default): a rotary model
-    #: rotates keys at their absolute position *before* ``update``.  True: the cache wants keys
-    #: *before* rotation; attention rotates each returned key by its position inside the cache,
-    #: ``key_positions(layer_idx, in_cache=True)``, and the ``S`` new queries by ``n - S .. n - 1``
-    #: (``n`` keys returned; new tokens are always the newest).  Positions then never exceed the
-    #: cache size, however long the stream.
+    #: StreamingLLM's positions (Xiao et al. 2023, section 3.3), for readers: True if the cache
+    #: stores keys *before* rotation and gives their rotary positions inside the cache through
+    #: :meth:`rotary_positions` (what models use; they test no flag).
     positions_in_cache: bool = False
 
     # ------------------------------------------------------------------ caches that drop tokens
@@ -276,17 +273,20 @@ class Cache(ABC):
     # model must learn which: it asks *after* ``update`` (the subset depends on the update).
     # Contract: ``update`` returns every stored key that at least one of the new queries may see
     # (plus the new ones), and after a one-token update every returned key is visible to that
-    # token -- so a decoding step needs no mask at all.
+    # token -- so a decoding step needs no mask at all.  And an empty cache given a prompt of at
+    # most ``get_max_cache_shape()`` tokens, with ``retention_mask`` None, returns all of it in
+    # order -- so the prompt is plain causal attention (a model may use SDPA's ``is_causal``).
 
     def key_positions(self, layer_idx: int, in_cache: bool = False) -> Tensor:
         """Positions of the keys the last ``update`` of ``layer_idx`` returned, in returned order.
 
         ``in_cache=False``: absolute positions (token slots, what ``cache_position`` counts) --
         the model builds its attention mask from them.  ``in_cache=True``: rank of each key
-        among the returned keys, oldest 0 (StreamingLLM's positions, used when
-        :attr:`positions_in_cache`).  Shape ``(n,)`` shared by every batch row (a cache whose
+        among the returned keys, oldest 0 (StreamingLLM's positions, see
+        :meth:`rotary_positions`).  Shape ``(n,)`` shared by every batch row (a cache whose
         rows or heads keep different tokens may return ``(B, n)`` or ``(B, H, n)``).
         Default, for lossless caches: ``arange(n)`` for both.  Cost: ``O(n)`` integers.
+        Every cache answers, lossless or not: a model builds every mask from it.
         """
         if not self.is_lossless:
             raise NotImplementedError(
@@ -306,6 +306,27 @@ class Cache(ABC):
         A model ANDs it with its causal / padding / sliding-window mask, which makes a
         multi-token update (a long prompt) attend exactly as token-by-token decoding would.
         Default ``None``: no restriction beyond causality.
+        """
+        return None
+
+    def _arange_positions(self, first: int, n: int, device) -> Tensor:
+        """``arange(first, first + n)``, the same tensor on every call with the same arguments:
+        every layer of a cache that holds the same positions answers ``key_positions`` with one
+        tensor, so a model builds one mask per forward, not one per layer.  Shared: read-only."""
+        memo = getattr(self, "_positions_memo", None)
+        if memo is None or memo[0] != (first, n) or memo[1].device != torch.device(device):
+            memo = self._positions_memo = (first, n), torch.arange(first, first + n, device=device)
+        return memo[1]
+
+    def rotary_positions(self, layer_idx: int) -> Optional[Tuple[Tensor, Tensor]]:
+        """Rotary positions a model must use for this cache, or ``None`` (the usual case).
+
+        ``None``: keys are rotated at their absolute position *before* ``update`` and stored
+        rotated (a key's position never changes, so its rotation is paid once).  A cache whose
+        positions move (StreamingLLM's positions inside the cache) answers ``(keys (n,) or (B,
+        n), queries (S,) or (B, S))`` instead -- for every layer, always: it takes keys
+        *unrotated*, and after an update the answer gives the positions to rotate the ``n``
+        returned keys and the ``S`` new queries by.  Cost: ``O(n)`` integers.
         """
         return None
 
@@ -482,11 +503,12 @@ class BufferedCache(Cache):
         """Positions ``(n,)`` of the ``n`` stored keys of ``layer_idx``, oldest first.
 
         ``in_cache=False``: absolute positions, ``first_position + arange(n)`` (``arange(n)``
-        until a crop).  ``in_cache=True``: ``arange(n)``.  Cost: ``O(n)`` integers.
+        until a crop).  ``in_cache=True``: ``arange(n)``.  Cost: ``O(n)`` integers, once for
+        all layers holding the same positions (the tensor is shared: read it, do not write it).
         """
         n = self._lengths[layer_idx] if layer_idx < len(self._lengths) else 0
         first = 0 if in_cache else self.first_position(layer_idx)
-        return torch.arange(first, first + n, device=self._device())
+        return self._arange_positions(first, n, self._device())
 
     def _check_compatible(self, layer_idx: int, key: Tensor, value: Tensor) -> None:
         """Check heads / head dims / dtype / device against what the layer already stores."""

@@ -119,6 +119,10 @@ class EncoderDecoderCache(Cache):
         """Positions of the self-attention keys of ``layer_idx`` (see ``Cache.key_positions``)."""
         return self.self_attention_cache.key_positions(layer_idx, in_cache)
 
+    def rotary_positions(self, layer_idx):
+        """The self-attention cache's rotary positions (``None`` for the usual caches)."""
+        return self.self_attention_cache.rotary_positions(layer_idx)
+
     def retention_mask(self, query_positions, key_positions):
         """The self-attention cache's retention mask (``None`` for caches that drop nothing)."""
         return self.self_attention_cache.retention_mask(query_positions, key_positions)

@@ -17,12 +17,13 @@ however long the stream.  With RoPE the position is baked into the key by a rota
 in-cache position of a token changes every step (everything behind the sinks slides down by
 one).  Two ways out: re-rotate the kept keys whenever they shift (Hugging Face's ``SinkCache``),
 or store keys *before* rotation and rotate them at read time.  This cache does the second, as
-the paper's reference code does: it sets ``positions_in_cache = True``, the model hands over
-unrotated keys, and after ``update`` rotates each returned key by
+the paper's reference code does: it answers :meth:`SinkKVCache.rotary_positions` (so the model
+hands over unrotated keys), and after ``update`` that answer says to rotate each returned key by
 ``key_positions(layer_idx, in_cache=True)`` and the new queries by ``n - S .. n - 1``.  The
-cache itself stays model-agnostic (it never sees a sine).  Price: one rotation of the ``n <=
-num_sink_tokens + window`` returned keys per layer per step -- ``O(window)``, like the
-attention read itself -- and positions stay small, so float32 angles never lose precision.
+cache itself stays model-agnostic (it never sees a sine; it only gives positions).  Price: one
+rotation of the ``n <= num_sink_tokens + window`` returned keys per layer per step --
+``O(window)``, like the attention read itself -- and positions stay small, so float32 angles
+never lose precision.
 
 Precisely, with ``s = num_sink_tokens`` and ``W = window``:
 
@@ -42,6 +43,10 @@ first ``s`` slots of a short row are padding, which is masked: that row runs as 
 
 from __future__ import annotations
 
+from typing import Tuple
+
+import torch
+
 from ..validate import non_negative_int
 from .sliding_window import SlidingWindowKVCache
 
@@ -54,9 +59,9 @@ class SinkKVCache(SlidingWindowKVCache):
             window with in-cache positions).
         window: most recent tokens kept (the new token included).
 
-    Keys must be handed over *before* the rotary embedding (``positions_in_cache = True``;
-    ``transformer``'s attention does this).  Storage: ``num_sink_tokens + window`` slots per
-    layer, fixed at the first update: ``2 * B * H_kv * (num_sink_tokens + window) * head_dim``
+    Keys must be handed over *before* the rotary embedding (``transformer``'s attention does
+    this because :meth:`rotary_positions` answers).  Storage: ``num_sink_tokens + window`` slots
+    per layer, fixed at the first update: ``2 * B * H_kv * (num_sink_tokens + window) * head_dim``
     elements plus an int64 position per slot.  The interface is that of
     :class:`~kv_cache.long_context.sliding_window.SlidingWindowKVCache`.
 
@@ -75,3 +80,25 @@ class SinkKVCache(SlidingWindowKVCache):
         num_sink_tokens = non_negative_int("num_sink_tokens", num_sink_tokens)
         super().__init__(window)
         self.num_sink_tokens = num_sink_tokens
+
+    def reset(self) -> None:
+        """Forget every token and free the buffers."""
+        super().reset()
+        self._rotary: dict = {}  # layer -> rotary positions (keys, queries) of its last update
+
+    def update(self, key, value, layer_idx: int, cache_position=None):
+        """As :meth:`SlidingWindowKVCache.update`; ``key`` must not be rotated yet.  Also notes
+        the rotary positions of this update (:meth:`rotary_positions`)."""
+        out = super().update(key, value, layer_idx, cache_position)
+        keys = self.key_positions(layer_idx, in_cache=True)
+        n, S = keys.shape[-1], key.shape[2]
+        self._rotary[layer_idx] = keys, self._arange_positions(n - S, S, keys.device)  # one tensor for all layers
+        return out
+
+    def rotary_positions(self, layer_idx: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """StreamingLLM's positions, never ``None``: after an update of ``layer_idx``, the
+        positions inside the cache of the ``n`` returned keys (``key_positions(layer_idx,
+        in_cache=True)``) and of the ``S`` new queries (``n - S .. n - 1``: the newest).  Before
+        the layer's first update: two empty tensors.  Cost: O(1) (noted by ``update``)."""
+        empty = torch.zeros(0, dtype=torch.long)
+        return self._rotary.get(layer_idx, (empty, empty))

@@ -142,6 +142,11 @@ class PagedCacheView(Cache):
                              f"a batch needs equal lengths (crop the sequences first)")
         return lengths.pop()
 
+    def key_positions(self, layer_idx: int, in_cache: bool = False) -> Tensor:
+        """Positions ``(L,)`` of the keys ``update`` returns: ``arange(L)`` (complete sequences,
+        slot = position, ``in_cache`` changes nothing).  Cost: ``O(L)`` integers, no gather."""
+        return self._arange_positions(0, self.get_seq_length(layer_idx), self.manager.device)
+
     def get_max_cache_shape(self) -> int:
         """``max_sequence_length`` of the manager's config."""
         return self.manager.config.max_sequence_length
