@@ -122,3 +122,14 @@ def test_static_rows_are_skipped_with_a_note_when_unavailable(monkeypatch):
     assert "static" not in {r["mode"] for r in result["decode"]}
     assert "static" not in {r["cache"] for r in result["append"]}
     assert len([n for n in result["notes"] if "StaticKVCache" in n]) == 1
+
+
+def test_ab_eager_decode_compares_two_trees_and_their_tokens(capsys):
+    """The before/after benchmark unpacks a commit, times both trees and checks their tokens
+    (HEAD against this tree: the generation code is the same, so the tokens must be too)."""
+    from benchmarks import ab_eager_decode
+    ab_eager_decode.main(["--base", "HEAD", "--rounds", "1", "--repeats", "1", "--quick"])
+    table = capsys.readouterr().out.split("| case |", 1)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == len(ab_eager_decode.CASES)
+    assert all(row.rstrip().endswith("| yes |") for row in rows), table
