@@ -227,6 +227,20 @@ def select_rows(stores: Sequence[list], indices, batch: int) -> int:
     return batch if idx is None else idx.numel()
 
 
+def repeat_rows(stores: Sequence[list], repeats: int, batch: Optional[int]) -> Optional[int]:
+    """Repeat every batch row ``repeats`` times (rows ``b -> b * repeats``) in each per-layer
+    tensor of ``stores`` (parallel lists as in :func:`select_rows`).  Returns the new batch size
+    (``None`` stays ``None``: nothing stored).  Cost: a copy of everything stored, ``repeats``x."""
+    positive_int("repeats", repeats)
+    if batch is None:
+        return None
+    for l, buf in enumerate(stores[0]):
+        if buf is not None:
+            for store in stores:
+                store[l] = store[l].repeat_interleave(repeats, dim=0)
+    return batch * repeats
+
+
 class Cache(ABC):
     """Abstract KV cache: per layer, the keys and values of every token seen so far.
 

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..basic.base import Cache, check_kv_pair, select_rows
+from ..basic.base import Cache, check_kv_pair, repeat_rows, select_rows
 from ..validate import layer_index, positive_int
 
 Tensor = torch.Tensor
@@ -239,14 +239,7 @@ class LinearKVCache(Cache):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat every row ``repeats`` times.  O(stored * repeats)."""
-        positive_int("repeats", repeats)
-        if self._batch is None:
-            return
-        for l, buf in enumerate(self.keys):
-            if buf is not None:
-                for lst in (self.keys, self.values, self.importance, self.positions):
-                    lst[l] = lst[l].repeat_interleave(repeats, dim=0)
-        self._batch *= repeats
+        self._batch = repeat_rows((self.keys, self.values, self.importance, self.positions), repeats, self._batch)
 
     def crop(self, max_length: int) -> None:
         """Refused unless it is a no-op: this cache keeps the most *important* tokens, a different

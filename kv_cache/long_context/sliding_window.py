@@ -39,7 +39,7 @@ from typing import List, Optional
 
 import torch
 
-from ..basic.base import Cache, check_append, check_kv_pair, select_rows
+from ..basic.base import Cache, check_append, check_kv_pair, repeat_rows, select_rows
 from ..validate import layer_index, positive_int
 
 Tensor = torch.Tensor
@@ -257,14 +257,7 @@ class SlidingWindowKVCache(Cache):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat every batch row ``repeats`` times.  O(stored * repeats)."""
-        positive_int("repeats", repeats)
-        if self._batch is None:
-            return
-        for l, buf in enumerate(self.keys):
-            if buf is not None:
-                self.keys[l] = buf.repeat_interleave(repeats, dim=0)
-                self.values[l] = self.values[l].repeat_interleave(repeats, dim=0)
-        self._batch *= repeats
+        self._batch = repeat_rows((self.keys, self.values), repeats, self._batch)
 
     def crop(self, max_length: int) -> None:
         """Keep only the ``max_length`` most recent tokens of every layer (``max_length >= 0``).
