@@ -84,3 +84,13 @@ def left_pad(prompts, pad_id: int = 0):
         ids[i, n - len(p):] = p
         mask[i, n - len(p):] = 1
     return ids, mask
+
+
+def write_play_excerpts(path, **chars_per_play) -> "pathlib.Path":
+    """Write the first ``n`` characters of each named play of the default corpus (in the order
+    given) to ``path``, as one UTF-8 text file: a small, real training corpus for CLI tests.
+    Returns ``path``."""
+    from transformer.data import load_corpus
+    plays = {d.name: d.text for d in load_corpus()}
+    path.write_text("".join(plays[name][:n] for name, n in chars_per_play.items()), encoding="utf-8")
+    return path

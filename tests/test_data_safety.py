@@ -44,7 +44,7 @@ import train as train_script
 from transformer import checkpoint as ckpt_mod
 from transformer import run_dir
 from transformer.checkpoint import load_checkpoint, load_model, save_checkpoint
-from transformer.data import load_corpus
+from helpers import write_play_excerpts
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--preset", "tiny", "--tokenizer-type", "bytes", "--max-steps", "4", "--eval-interval", "2",
@@ -53,10 +53,7 @@ FAST = ["--preset", "tiny", "--tokenizer-type", "bytes", "--max-steps", "4", "--
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    plays = {d.name: d.text for d in load_corpus()}
-    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
-    path.write_text(plays["hamlet"][:40_000] + plays["macbeth"][:20_000], encoding="utf-8")
-    return path
+    return write_play_excerpts(tmp_path_factory.mktemp("corpus") / "plays.txt", hamlet=40_000, macbeth=20_000)
 
 
 def train(corpus, out, *extra):

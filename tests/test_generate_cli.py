@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import generate as gen_script
-from transformer.data import load_corpus
+from helpers import write_play_excerpts
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--max-steps", "30", "--eval-interval", "30", "--no-progress", "--threads", "1"]
@@ -31,9 +31,7 @@ def _train(out: Path, data: Path, *extra: str) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    data = root / "text.txt"
-    plays = {d.name: d.text for d in load_corpus()}
-    data.write_text(plays["macbeth"][:60_000], encoding="utf-8")
+    data = write_play_excerpts(root / "text.txt", macbeth=60_000)
     target = _train(root / "target", data)
     draft = _train(root / "draft", data, "--tokenizer", str(target), "--d-model", "16", "--seed", "3")
     other = _train(root / "other", data, "--vocab-size", "400")

@@ -38,7 +38,7 @@ import pytest
 import torch
 
 import generate as gen_script
-from helpers import left_pad, scaled_init, tiny_decoder, tiny_seq2seq
+from helpers import left_pad, scaled_init, tiny_decoder, tiny_seq2seq, write_play_excerpts
 from spec_decoding import PromptLookupDrafter, SpecDecodingPair, speculative_generate
 from transformer import EnhancedTransformer
 from transformer.data import load_corpus, split_documents
@@ -230,9 +230,7 @@ HEADING = re.compile(r"^(?:(?:ACT|SCENE) [IVXLC\d]+\b.*|[A-Z][A-Za-z'.-]*(?: [A-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("safety")
-    data = root / "text.txt"
-    plays = {d.name: d.text for d in load_corpus()}
-    data.write_text(plays["macbeth"][:60_000], encoding="utf-8")
+    data = write_play_excerpts(root / "text.txt", macbeth=60_000)
     subprocess.run([sys.executable, "train.py", *TINY, "--data", str(data), "--out-dir", str(root / "run")],
                    cwd=REPO, check=True, capture_output=True, timeout=300)
     return root / "run"

@@ -27,7 +27,7 @@ import train as train_script
 from transformer import training as T
 from transformer.checkpoint import load_checkpoint, load_model, save_model, verify_checkpoint
 from transformer.config import ModelConfig
-from transformer.data import load_corpus
+from helpers import write_play_excerpts
 from transformer.model import DecoderOnlyTransformer
 from transformer.tokenizer import ByteTokenizer
 
@@ -55,10 +55,7 @@ def metrics(run_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory):
-    plays = {d.name: d.text for d in load_corpus()}
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
-    path.write_text(plays["hamlet"][:100_000] + plays["macbeth"][:50_000], encoding="utf-8")
-    return path
+    return write_play_excerpts(tmp_path_factory.mktemp("corpus") / "shakespeare.txt", hamlet=100_000, macbeth=50_000)
 
 
 @pytest.fixture(scope="module")
