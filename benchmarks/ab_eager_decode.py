@@ -1,4 +1,4 @@
-"""Eager ``generate()`` speed of this tree against an earlier commit, side by side in one run.
+"""``generate()`` speed of this tree against an earlier commit, side by side in one run.
 
 A refactor of the forward pass must not slow decoding, and on a shared machine two numbers taken
 minutes apart differ by more than the change being judged.  So this script unpacks the earlier
@@ -8,7 +8,9 @@ median and the best tokens/s of each tree and whether both produced the same tok
 
 Cases: the decode benchmark's 6-layer, 384-wide model (8,192-token vocabulary, random weights,
 float32, 1 thread, 16-token prompt, greedy), with learned positions and a dynamic cache, with RoPE
-and a static cache, a left-padded batch of 4, a sliding-window cache and an attention-sink cache.
+and a static cache, a left-padded batch of 4, a sliding-window cache and an attention-sink cache;
+and the fast path, ``generate(fast=True)`` and ``generate(compile=True)`` (one compile per
+process, ~30 s; ``--quick`` leaves the compiled case out).
 
     python -m benchmarks.ab_eager_decode --base f1cda0d --rounds 3
 
@@ -35,6 +37,8 @@ CASES = [  # name, positions, batch, cache, new tokens
     ("rope B=4 left-padded dynamic", "rope", 4, "dynamic", 128),
     ("rope B=1 sliding_window", "rope", 1, "sliding_window", 256),
     ("rope B=1 sinks", "rope", 1, "sinks", 256),
+    ("learned B=1 fast=True", "learned", 1, "fast", 256),
+    ("learned B=1 compile=True", "learned", 1, "compile", 256),
 ]
 
 # Runs in a fresh interpreter with one tree first on sys.path; prints one JSON line.
@@ -50,7 +54,8 @@ for name, pos, B, kind, N in CASES:
     cfg = ModelConfig(vocab_size=8192, d_model=384, n_layers=6, n_heads=6, pos_encoding=pos, max_seq_len=16 + N + 3)
     model = DecoderOnlyTransformer(cfg).eval()
     prompt = torch.randint(0, 8192, (B, 16), generator=torch.Generator().manual_seed(0))
-    kw = dict(cache_implementation=kind, eos_token_id=None)
+    kw = {kind: True} if kind in ("fast", "compile") else dict(cache_implementation=kind)
+    kw["eos_token_id"] = None
     if B > 1:
         mask = torch.ones(B, 16, dtype=torch.long)
         for b in range(B):
@@ -92,7 +97,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed generate() calls per case and run [5]")
     p.add_argument("--quick", action="store_true", help="8 new tokens per case: a smoke test (numbers mean nothing)")
     args = p.parse_args(argv)
-    cases = [(name, pos, B, kind, 8) for name, pos, B, kind, _ in CASES] if args.quick else CASES
+    cases = [(name, pos, B, kind, 8) for name, pos, B, kind, _ in CASES if kind != "compile"] if args.quick else CASES
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"base": unpack(args.base, Path(tmp)), "new": ROOT}
         runs = {"base": [], "new": []}
@@ -100,7 +105,7 @@ def main(argv=None) -> None:
             for which in (("base", "new") if r % 2 == 0 else ("new", "base")):
                 runs[which].append(time_tree(trees[which], args.repeats, cases))
                 print(which, {k: round(v["median"], 1) for k, v in runs[which][-1].items()}, flush=True)
-    print(f"\nEager generate() tokens/s, {args.base} (base) vs this tree (new), {args.rounds} alternating rounds:\n")
+    print(f"\ngenerate() tokens/s, {args.base} (base) vs this tree (new), {args.rounds} alternating rounds:\n")
     print("| case | base median | new median | new / base | base best | new best | same tokens |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for name, *_ in cases:

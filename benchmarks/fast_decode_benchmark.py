@@ -243,14 +243,12 @@ VARIANTS = {
     "autotune": (dict(compile=True, compile_options={"max_autotune": True}), "compiled, max_autotune"),
     "autotune+cdt": (dict(compile=True, compile_options={"max_autotune": True, "coordinate_descent_tuning": True}),
                      "compiled, max_autotune + coordinate_descent_tuning"),
-    "matmul": (dict(compile=True, attention="matmul"), "compiled, attention=matmul"),
     "plain": (dict(compile=True, compile_options={}), "compiled, plain inductor settings"),
     "cpp_wrapper": (dict(compile=True, compile_options={"cpp_wrapper": True}),
                     "compiled, cpp_wrapper (the graph's kernel calls in C++, not Python)"),
     "decompose": (dict(compile=True, compile_options={"decompose_mem_bound_mm": True}),
                   "compiled, decompose_mem_bound_mm (matrix-vector products as inductor loops)"),
-    "graph-matmul": (dict(attention="matmul"), "fast(+graph on CUDA), attention=matmul"),
-    "sdpa": (dict(compile=True, attention="sdpa"), "compiled, attention=sdpa"),
+    "step": (dict(), "fast (+graph on CUDA), a FastDecoder of its own"),
 }
 
 

@@ -22,6 +22,7 @@ Where things live, by subsystem (each subpackage's docstring lists its files)::
 ``StaticKVCache``       preallocated ``max_batch_size x max_cache_len``; GQA; bhsd/bshd layouts
 ``SubStaticCache``      a batch-row slice of a ``StaticKVCache`` (one pool, many requests)
 ``FixedShapeKVCache``   static cache written at a tensor slot, sync-free (torch.compile / CUDA graphs)
+``SlotView``            a ``FixedShapeKVCache`` as the model's forward sees it in one fixed-shape step
 ``EncoderDecoderCache`` self-attention cache + cross-attention cache computed once per source
 ``KVCache``             manual API with explicit ``seq_len`` positions (self / cross)
 ``CacheCapacityError``  raised when a preallocated cache would overflow
@@ -31,7 +32,8 @@ Where things live, by subsystem (each subpackage's docstring lists its files)::
 from .errors import CacheCapacityError, EvictedSequenceError, PoolExhaustedError, UnknownSequenceError
 
 # Basic caches (kv_cache/basic/).
-from .basic import Cache, DynamicKVCache, EncoderDecoderCache, FixedShapeKVCache, StaticKVCache, SubStaticCache
+from .basic import (Cache, DynamicKVCache, EncoderDecoderCache, FixedShapeKVCache, SlotView, StaticKVCache,
+                    SubStaticCache)
 
 # Long-context caches (kv_cache/long_context/).
 # ``SlidingWindowKVCache``   the last ``window`` tokens in a ring buffer
@@ -59,7 +61,8 @@ __all__ = [
     # errors
     "CacheCapacityError", "EvictedSequenceError", "PoolExhaustedError", "UnknownSequenceError",
     # basic
-    "Cache", "DynamicKVCache", "EncoderDecoderCache", "FixedShapeKVCache", "StaticKVCache", "SubStaticCache",
+    "Cache", "DynamicKVCache", "EncoderDecoderCache", "FixedShapeKVCache", "SlotView", "StaticKVCache",
+    "SubStaticCache",
     # long context
     "LinearKVCache", "QuantizedKVCache", "SinkKVCache", "SlidingWindowKVCache", "dequantize", "quantize",
     # paged memory manager

@@ -131,5 +131,5 @@ def test_ab_eager_decode_compares_two_trees_and_their_tokens(capsys):
     ab_eager_decode.main(["--base", "HEAD", "--rounds", "1", "--repeats", "1", "--quick"])
     table = capsys.readouterr().out.split("| case |", 1)[1]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(rows) == len(ab_eager_decode.CASES)
+    assert len(rows) == len([c for c in ab_eager_decode.CASES if c[3] != "compile"])  # --quick: no compile
     assert all(row.rstrip().endswith("| yes |") for row in rows), table

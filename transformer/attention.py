@@ -136,7 +136,7 @@ class Attention(nn.Module):
                     k = apply_rotary(k, _angles(cos, key_pos, -3), _angles(sin, key_pos, -3))  # k: (B, H_kv, n, D)
                     q = apply_rotary(q, _angles(cos, query_pos, -2), _angles(sin, query_pos, -2))  # q: (B, S, H, D)
         if isinstance(mask, MaskPlan):
-            mask = mask.build(cache, layer_idx)
+            mask = mask.build(cache, layer_idx, q.dtype)  # additive, shared by the layers
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads,

@@ -31,12 +31,17 @@ step at a few microseconds each, against ~0.1 ms of memory traffic.
 
 On a CPU there is no launch to save: the step is bound by streaming the weights (fp32:
 ~56 MB per token for the 6-layer benchmark model).  There the step drops the per-step Python
-and allocation work of the generic loop, multiplies by the output head stored
-``(d_model, vocab)`` (a transposed copy: the layout CPU BLAS streams fastest, see
-:class:`~transformer.layers.Linear`), attends over the filled slots only (no graph to keep
+and allocation work of the generic loop, attends over the filled slots only (no graph to keep
 fixed: ``kv_len``), and, compiled, runs its matrix-vector products in inductor's pre-packed
 C++ kernel (:data:`CPU_COMPILE_OPTIONS`): ~2x the ``transformers`` GPT-2 on the 2-core CI
 machine.
+
+**No model maths here.**  A step calls the model's own forward pass (``model(ids, cache=...,
+cache_position=slot, position_ids=pos, attention_mask=key_ok)``), the one every other path
+uses.  What makes it fixed-shape is the cache it is handed: a
+:class:`~kv_cache.basic.compiled_static.SlotView` of the fixed-shape cache, written at tensor
+slots, whose key positions (slot = position) let the model's one mask builder hide the empty
+slots.  This module owns the state, compilation, capture, sampling and stop checks.
 
 Use it through ``generate(model, ids, n, compile=True)`` (or ``fast=True`` for the same step
 without ``torch.compile``), or build a :class:`FastDecoder` yourself to reuse it across calls.
@@ -59,7 +64,6 @@ import torch
 import torch.nn.functional as F
 
 from kv_cache.basic.compiled_static import FixedShapeKVCache
-from .layers import apply_rotary
 from .sampling import SamplingSettings, process_logits
 
 _M32 = 0xFFFFFFFF
@@ -151,8 +155,10 @@ class FastDecoder:
         compile: ``torch.compile`` the step (``fullgraph=True``).  Compilation takes seconds to
             a minute the first time each sampling setting is used.
         cuda_graph: capture the step as a CUDA graph and replay it (default: on for CUDA).
-        attention: ``"sdpa"`` (``scaled_dot_product_attention``) or ``"matmul"`` (the two
-            products written out, see :meth:`_attend`); ``"auto"``: matmul on CPU, SDPA elsewhere.
+        attention: kept for compatibility: ``"auto"`` or ``"sdpa"``.  The step runs the model's
+            own forward pass, whose attention is ``scaled_dot_product_attention`` on every path.
+            (A hand-written CPU ``"matmul"`` kernel was removed: with torch 2.13 it measured no
+            faster compiled, 212 vs 210 tokens/s, and slower eager.)
         compile_options: ``torch._inductor.config`` settings in force while the step compiles,
             e.g. ``{"max_autotune": True}`` or ``{"coordinate_descent_tuning": True}``.  Default:
             :data:`CPU_COMPILE_OPTIONS` on CPU (measured ~1.6x faster steps than plain inductor
@@ -161,8 +167,8 @@ class FastDecoder:
             a ``streamer``, which then receives the tokens of those steps one by one).
 
     Memory: the cache (``2 * n_layers * batch_size * n_kv_heads * max_cache_len * head_dim``
-    elements), a ``(batch_size, max_cache_len)`` sequence buffer and, on CPU, a transposed copy
-    of the output head (``vocab * d_model`` elements).  Parameters must keep their storage
+    elements), a ``(batch_size, max_cache_len)`` sequence buffer and, eager on CPU, the model's
+    transposed copy of the output head (``vocab * d_model`` elements, see ``TokenDecoder.head``).  Parameters must keep their storage
     while the decoder lives (in-place changes such as optimizer steps are fine; ``model.to()``
     that moves or casts them is not: build a new decoder).
     """
@@ -189,9 +195,10 @@ class FastDecoder:
             cuda_graph = device.type == "cuda"
         if cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
-        if attention not in ("auto", "sdpa", "matmul"):
-            raise ValueError(f"attention must be 'auto', 'sdpa' or 'matmul', got {attention!r}")
-        self.attention = ("matmul" if device.type == "cpu" else "sdpa") if attention == "auto" else attention
+        if attention not in ("auto", "sdpa"):
+            raise ValueError(f"attention must be 'auto' or 'sdpa' (the model's scaled_dot_product_attention), "
+                             f"got {attention!r}")
+        self.attention = "sdpa"
         if compile_options is None:
             compile_options = CPU_COMPILE_OPTIONS if device.type == "cpu" else {}
         self.compile_options = dict(compile_options)
@@ -204,13 +211,6 @@ class FastDecoder:
                                        num_heads=config.n_heads, num_kv_heads=config.n_kv_heads,
                                        head_dim=config.head_dim, max_batch_size=batch_size, dtype=dtype,
                                        device=device)
-        self.inv_freq = None
-        if config.pos_encoding == "rope":  # float32 angles even for a bfloat16 model
-            hd = config.head_dim
-            self.inv_freq = (1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))).to(device)
-        # The output head as (d_model, vocab) on CPU: see the module docstring.
-        self._lm_head_t = self._lm_head_version = None
-        self._refresh_lm_head()
         # Decode state: every tensor the step reads or writes, updated in place (never rebound,
         # since a captured CUDA graph holds their addresses).
         B, L = batch_size, max_cache_len
@@ -237,78 +237,17 @@ class FastDecoder:
     def _fingerprint(self):
         return tuple(p.data_ptr() for p in self.model.parameters())
 
-    def _refresh_lm_head(self) -> None:
-        w = self.model.decoder.lm_head.weight
-        if w.device.type != "cpu":
-            return
-        if self._lm_head_version != w._version:  # (re)copy after an in-place change of the weights
-            with torch.no_grad():
-                if self._lm_head_t is None:
-                    self._lm_head_t = w.detach().t().contiguous()
-                else:
-                    self._lm_head_t.copy_(w.detach().t())
-            self._lm_head_version = w._version
-
-    # ----------------------------------------------------------------------- the model, fixed shapes
+    # ----------------------------------------------------------------------- the model
     def _forward(self, ids: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
                  kv_len: Optional[int] = None) -> torch.Tensor:
         """Logits ``(B, V)`` of the last of ``ids`` ``(B, S)``, written to the cache at ``slots``
-        ``(S,)`` with positions ``pos`` ``(B, S)``.  The maths of ``TokenDecoder.forward``, but
-        attention runs over the whole cache and every shape is fixed by ``(B, S)``."""
-        dec, cfg = self.model.decoder, self.config
-        B, S = ids.shape
-        x = dec.tok_emb(ids)
-        rope = None
-        if dec.pos_emb is not None:
-            x = x + dec.pos_emb(pos)
-        elif self.inv_freq is not None:
-            angles = pos.float().unsqueeze(-1) * self.inv_freq  # (B, S, hd/2)
-            rope = angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
-        allowed = self.cache.slot_mask(slots, cfg.sliding_window).unsqueeze(0) & self.key_ok.unsqueeze(1)
-        allowed = allowed | (self.cache.slots == slots.unsqueeze(-1))  # a query always sees itself
-        if kv_len is not None:  # attend over the first kv_len slots only (see _step)
-            allowed = allowed[..., :kv_len]
-        # additive mask, built once per step and shared by the layers: (B, 1, S, L)
-        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
-        bias = bias.unsqueeze(1)
-        gqa = cfg.n_kv_heads != cfg.n_heads
-        for i, blk in enumerate(dec.blocks):
-            attn = blk.attn
-            q, k, v = attn.project_qkv(blk.norm1(x))  # (B, S, H, D), (B, S, H_kv, D) x 2
-            if rope is not None:
-                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-            keys, values = self.cache.write(i, k.transpose(1, 2), v.transpose(1, 2), slots)
-            if kv_len is not None:
-                keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
-            y = self._attend(q.transpose(1, 2), keys, values, bias, gqa)  # (B, H, S, D)
-            x = x + attn.out_proj(y.transpose(1, 2).reshape(B, S, cfg.n_heads * cfg.head_dim))
-            x = x + blk.mlp(blk.norm2(x))
-        h = dec.norm_f(x[:, -1])
-        if self._lm_head_t is not None:
-            return h @ self._lm_head_t
-        return dec.lm_head(h)
-
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
-                gqa: bool) -> torch.Tensor:
-        """Attention of ``q`` ``(B, H, S, D)`` over the whole cache ``(B, H_kv, L, D)`` with the
-        additive ``bias`` ``(B, 1, S, L)``.  ``attention="sdpa"``: ``scaled_dot_product_attention``.
-        ``"matmul"``: the two small matrix products written out -- on CPU several times faster
-        for a decode step than SDPA's CPU kernel with a mask (measured ~45 vs ~100 us per layer
-        at L=272); the query heads of one key/value group are stacked as rows, so GQA needs no
-        copy of the cache."""
-        if self.attention == "sdpa":
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, enable_gqa=gqa)
-        B, H, S, D = q.shape
-        Hkv = keys.shape[1]
-        G = H // Hkv
-        qg = q.reshape(B, Hkv, G * S, D)  # rows: group member g, then query s
-        if G > 1 and S > 1:
-            bias = bias.repeat(1, 1, G, 1)
-        scores = torch.baddbmm(bias.expand(B, Hkv, G * S, -1).reshape(B * Hkv, G * S, -1),
-                               qg.reshape(B * Hkv, G * S, D), keys.reshape(B * Hkv, -1, D).transpose(1, 2),
-                               alpha=1.0 / math.sqrt(D))
-        y = torch.bmm(scores.softmax(-1), values.reshape(B * Hkv, -1, D))
-        return y.view(B, H, S, D)
+        ``(S,)`` with positions ``pos`` ``(B, S)``: the model's own forward pass over a
+        :class:`~kv_cache.basic.compiled_static.SlotView` of the cache (its first ``kv_len``
+        slots, default all).  The padding mask ``key_ok`` is the forward's ``attention_mask``
+        (indexed by slot); every shape is fixed by ``(B, S)`` and ``kv_len``."""
+        logits = self.model(ids, cache=self.cache.slots_view(kv_len), cache_position=slots, position_ids=pos,
+                            attention_mask=self.key_ok, num_logits_to_keep=1)
+        return logits[:, -1]
 
     def _choose(self, logits: torch.Tensor, sampling) -> torch.Tensor:
         do_sample, temperature, top_k, top_p, _, _ = sampling
@@ -458,13 +397,12 @@ class FastDecoder:
     # ----------------------------------------------------------------------- scoring, token by token
     def prepare(self) -> None:
         """Get ready for a run of :meth:`logits_at` calls (a new sequence): check that the
-        parameters are the ones this decoder was built on, refresh the CPU copy of the output
-        head, recompile if the weights changed in place, and clear the padding mask.  O(params)."""
+        parameters are the ones this decoder was built on, recompile if the weights changed in
+        place, and clear the padding mask.  O(params)."""
         if self._fingerprint() != self._param_ptrs:
             raise RuntimeError("the model's parameters were replaced (model.to(), a new state dict by "
                                "assignment...) since this FastDecoder was built; build a new one")
         with torch.inference_mode():
-            self._refresh_lm_head()
             self._drop_stale_compiled_steps()
             self.key_ok.fill_(True)
 
@@ -623,7 +561,6 @@ class FastDecoder:
             # All state work in inference mode (the mode the steps were traced and captured in);
             # the result is cloned outside it, so the caller gets an ordinary tensor.
             with torch.inference_mode():
-                self._refresh_lm_head()
                 self._drop_stale_compiled_steps()
                 out = self._generate(input_ids, max_new_tokens, settings, pad_token_id, attention_mask, streamer)
         finally:

@@ -13,16 +13,18 @@ eager loop and fatal to a compiled one:
 
 :meth:`FixedShapeKVCache.write` does the decode write the way gpt-fast does it: ``index_copy_``
 at a *tensor* position (no host read, no Python state) and it returns the **whole** buffers,
-``(B, H_kv, max_cache_len, D)``, every time.  Attention then runs over all ``max_cache_len``
-slots and must mask the slots that hold no token yet (:meth:`slot_mask` builds that mask from
-the same tensor position).  Reading the unused slots costs memory bandwidth proportional to
-``max_cache_len`` instead of the current length -- size the cache to what you will generate.
+``(B, H_kv, max_cache_len, D)``, every time.  A model's forward pass meets it through
+:meth:`FixedShapeKVCache.slots_view`: a :class:`SlotView` whose ``update`` is that write and
+whose ``key_positions`` say slot ``j`` holds position ``j``, so the model's one mask builder
+hides the slots after each query (empty, or left from an earlier sequence) by causality alone.
+Reading the unused slots costs memory bandwidth proportional to the slots read instead of the
+current length -- size the cache (or the view's ``kv_len``) to what you will generate.
 
 The class *is* a :class:`~kv_cache.StaticKVCache` (``update``, ``rollback``, ``crop``,
 ``reorder_cache``... all work), so the same object can be used by ordinary code; after a run of
 ``write`` calls, :meth:`set_seq_length` tells the host-side bookkeeping how far the cache is
 filled, and ``rollback(n)`` moves that host-side length back (O(1), nothing on the device: the
-speculative-decoding drafter's undo).  ``write`` and :meth:`slot_mask` speak in *slots*, which
+speculative-decoding drafter's undo).  ``write`` and :class:`SlotView` speak in *slots*, which
 equal positions as long as nothing was ``crop``'ped from the front; after ``crop`` (keep the most
 recent tokens, which moves them to slot 0) slot = position - ``first_position()``, and
 ``set_seq_length`` refuses to run until ``reset()``.
@@ -67,15 +69,25 @@ class FixedShapeKVCache(StaticKVCache):
         cache = FixedShapeKVCache(max_cache_len=64, num_layers=2, num_heads=4, head_dim=16)
         pos = torch.tensor([7])
         k, v = cache.write(0, torch.randn(1, 4, 1, 16), torch.randn(1, 4, 1, 16), pos)
-        k.shape                        # (1, 4, 64, 16): always the whole buffer
-        cache.slot_mask(pos).shape     # (1, 64): True for slots 0..7
+        k.shape                                # (1, 4, 64, 16): always the whole buffer
+        view = cache.slots_view(kv_len=8)      # what a model's forward is handed in a step
+        view.key_positions(0)                  # tensor([0, 1, ..., 7]): slot = position
     """
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         for t in self.keys + self.values:
             _mark_static(t)
-        self.slots = torch.arange(self.max_cache_len, device=self.device)  # reused by every slot_mask call
+        self.slots = torch.arange(self.max_cache_len, device=self.device)  # (max_cache_len,): slot j holds position j
+
+    def slots_view(self, kv_len: Optional[int] = None) -> "SlotView":
+        """This cache as a model's forward pass sees it during a fixed-shape step: a
+        :class:`SlotView` over the first ``kv_len`` slots (default all ``max_cache_len``).
+
+        ``kv_len`` may be a Python int that changes every step (``torch.compile`` makes it a
+        symbolic size) or left ``None`` for the fixed shapes a CUDA graph replays.  The caller
+        guarantees every slot a query reads lies below ``kv_len``.  Cost: nothing (a view)."""
+        return SlotView(self, self.max_cache_len if kv_len is None else kv_len)
 
     def write(self, layer_idx: int, key: Tensor, value: Tensor, cache_position: Tensor) -> Tuple[Tensor, Tensor]:
         """Copy ``key``/``value`` into ``layer_idx`` at slots ``cache_position``; return the full buffers.
@@ -95,19 +107,6 @@ class FixedShapeKVCache(StaticKVCache):
         v.index_copy_(self._sd, cache_position, value)
         return k, v
 
-    def slot_mask(self, cache_position: Tensor, window: Optional[int] = None) -> Tensor:
-        """Boolean ``(S, max_cache_len)``: may the token at ``cache_position[i]`` see slot ``j``?
-
-        ``j <= cache_position[i]`` (causality: later slots are empty or in the future) and, with
-        a sliding ``window``, ``cache_position[i] - j < window``.  Padding is the caller's
-        business (AND a ``(B, max_cache_len)`` key mask in).  Cost: ``S * max_cache_len`` booleans.
-        """
-        q = cache_position.unsqueeze(-1)
-        allowed = self.slots <= q
-        if window is not None:
-            allowed = allowed & (q - self.slots < window)
-        return allowed
-
     def set_seq_length(self, length: int, batch_size: Optional[int] = None) -> None:
         """Host bookkeeping after a run of :meth:`write` calls: every layer now holds ``length``
         slots of ``batch_size`` rows (default ``max_batch_size``), so that ``get_seq_length``,
@@ -126,3 +125,61 @@ class FixedShapeKVCache(StaticKVCache):
                              f"got {batch_size!r}")
         self._lengths = [length] * self.num_layers
         self._batch = batch_size if length else None
+
+
+class SlotView:
+    """A :class:`FixedShapeKVCache` as a model's forward pass sees it during one fixed-shape step.
+
+    It answers the questions a forward pass asks a ``Cache`` (see :class:`~kv_cache.Cache`):
+
+    * ``update(key, value, layer_idx, cache_position)`` writes the new tokens at the *tensor*
+      slots ``cache_position`` (:meth:`FixedShapeKVCache.write`: no host read) and returns the
+      first ``kv_len`` slots, ``(B, H_kv, kv_len, D)`` ("bhsd");
+    * ``key_positions(layer_idx)`` is ``arange(kv_len)``: slot ``j`` holds position ``j``.  The
+      model's causal mask (key position <= query position) hides the slots after each query's
+      own, which are empty or hold tokens of an earlier sequence;
+    * ``retention_mask`` and ``rotary_positions`` are ``None``: every token is kept, exactly.
+
+    There is no host-side length: ``get_seq_length`` raises, so a model must be given
+    ``cache_position`` (the slots) as a tensor.  Host bookkeeping after a run of steps is
+    :meth:`FixedShapeKVCache.set_seq_length`.  Cost: one ``index_copy_`` per key/value tensor
+    and layer; the positions tensor is shared by every layer (one mask per forward).
+    """
+
+    is_lossless = True
+    positions_in_cache = False
+
+    def __init__(self, cache: FixedShapeKVCache, kv_len):
+        self.cache, self.kv_len, self.layout = cache, kv_len, cache.layout
+        self.positions = cache.slots[:kv_len]  # (kv_len,), one tensor for every layer
+
+    def update(self, key: Tensor, value: Tensor, layer_idx: int,
+               cache_position: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Write ``key``/``value`` at slots ``cache_position`` (a 1-D tensor); return the first
+        ``kv_len`` slots of the layer's keys and values."""
+        if cache_position is None:
+            raise ValueError("a SlotView is written at tensor slots: pass cache_position (a 1-D long tensor), got None")
+        k, v = self.cache.write(layer_idx, key, value, cache_position)
+        sd = self.cache._sd
+        return k.narrow(sd, 0, self.kv_len), v.narrow(sd, 0, self.kv_len)
+
+    def key_positions(self, layer_idx: int, in_cache: bool = False) -> Tensor:
+        """``(kv_len,)`` positions of the returned keys: slot = position (the same tensor for
+        every layer)."""
+        return self.positions
+
+    def retention_mask(self, query_positions: Tensor, key_positions: Tensor) -> None:
+        """``None``: the cache keeps every token; causality alone decides."""
+        return None
+
+    def rotary_positions(self, layer_idx: int) -> None:
+        """``None``: keys are rotated at their absolute position before :meth:`update`."""
+        return None
+
+    def get_max_cache_shape(self) -> int:
+        """Slots a step reads: ``kv_len``."""
+        return self.kv_len
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        raise ValueError("a SlotView has no host-side length (a step must not read one back); pass "
+                         "cache_position, the slots of the new tokens, as a tensor")
