@@ -53,6 +53,7 @@ import torch
 
 from transformer import training as T
 from transformer.checkpoint import CheckpointError, load_model
+from transformer.engine.server import add_server_arguments, run_server
 from transformer.data import EOS_ID, FIRST_SYMBOL, PLUS_ID, load_corpus, split_documents
 from transformer.generation import CACHE_IMPLEMENTATIONS, EXACT_CACHES, LONG_CONTEXT_CACHES
 from transformer.gpt2 import InsecureTorchError, load_gpt2, parse_prompt_ids
@@ -207,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     hf.add_argument("--prompt-ids", default=None,
                     help="the prompt as token ids, e.g. \"464 2068 7586\" (for models without a tokenizer here)")
     p.add_argument("--device", type=device_value, default="cpu", help="cpu, cuda, mps or auto [default: cpu]")
+    p.add_argument("--serve", action="store_true",
+                   help="serve the checkpoint over an OpenAI-compatible HTTP API (continuous batching; "
+                        "see docs/serving.md) instead of generating once")
+    add_server_arguments(p)
     return p
 
 
@@ -342,6 +347,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     seq2seq = ckpt.model_type == "encoder_decoder"
+    if args.serve:
+        if seq2seq:
+            print("error: --serve serves decoder-only checkpoints", file=sys.stderr)
+            return 2
+        run_server(model, tokenizer, args)
+        return 0
     # The flags on the one settings object (transformer.sampling).  The defaults are the CLI's own:
     # --temperature 0.8 (0 for the encoder-decoder tasks, which have one right answer), --top-k 200,
     # --top-p 0.95; --top-k 0 and --top-p 1 mean "off" (None).  do_sample follows the temperature.

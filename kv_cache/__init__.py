@@ -47,8 +47,10 @@ from .long_context import LinearKVCache, QuantizedKVCache, SinkKVCache, SlidingW
 # ``AdvancedKVCache``                   many sequences in one budgeted block pool
 # ``EvictedSequenceError``              appending to a sequence the pool evicted (re-prefill it)
 # ``PagedCacheView``                    a batch of its sequences behind the ``Cache`` API
+# ``BlockManager`` / ``PagedBatch``     block tables of a serving engine; one packed step as a cache
 # ``CachePerformanceMonitor``           snapshots, trends and recommendations
-from .paged import (AdvancedKVCache, BlockPool, CacheConfig, CachePerformanceMonitor, EvictionPolicy, PagedCacheView,
+from .paged import (AdvancedKVCache, BlockManager, BlockPool, CacheConfig, CachePerformanceMonitor, EvictionPolicy,
+                    PagedBatch, PagedCacheView,
                     block_hash, create_cache_config_for_speculative_decoding)
 
 # The reference documents' own APIs (kv_cache/reference/).
@@ -66,7 +68,8 @@ __all__ = [
     # long context
     "LinearKVCache", "QuantizedKVCache", "SinkKVCache", "SlidingWindowKVCache", "dequantize", "quantize",
     # paged memory manager
-    "AdvancedKVCache", "BlockPool", "CacheConfig", "CachePerformanceMonitor", "EvictionPolicy", "PagedCacheView",
+    "AdvancedKVCache", "BlockManager", "BlockPool", "CacheConfig", "CachePerformanceMonitor", "EvictionPolicy",
+    "PagedBatch", "PagedCacheView",
     "block_hash", "create_cache_config_for_speculative_decoding",
     # reference APIs
     "CachedAttentionMixin", "KVCache", "linear_kv_cache_attention",

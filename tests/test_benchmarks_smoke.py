@@ -133,3 +133,15 @@ def test_ab_eager_decode_compares_two_trees_and_their_tokens(capsys):
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == len([c for c in ab_eager_decode.CASES if c[3] != "compile"])  # --quick: no compile
     assert all(row.rstrip().endswith("| yes |") for row in rows), table
+
+
+def test_serving_benchmark_quick_compares_three_modes_with_the_same_tokens(tmp_path, capsys):
+    from benchmarks import serving_benchmark
+    out = tmp_path / "serving.json"
+    serving_benchmark.main(["--random", "--quick", "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]["rows"]
+    assert [r["mode"].split()[0] for r in rows] == ["continuous", "static", "one"]
+    for r in rows:
+        assert _positive(r["tokens_per_s"]) and _positive(r["ttft_p50_ms"])
+        assert r["same_tokens_as_one_at_a_time"] == 1.0  # every request: the tokens of generate() alone
+    assert "| continuous (LLMEngine)" in capsys.readouterr().out

@@ -6,16 +6,19 @@
 ``eviction.py``      what each ``EvictionPolicy`` gives up when the pool is full
 ``prefix_cache.py``  ``block_hash``: sharing the blocks of a common prompt prefix
 ``view.py``          ``PagedCacheView``: a batch of the manager's sequences behind the ``Cache`` API
+``block_manager.py`` ``BlockManager`` / ``PagedBatch``: the pool as a serving engine's memory, step by step
 ``pool_stats.py``    counters and the statistics dictionary
 ``monitor.py``       ``CachePerformanceMonitor``: snapshots, trends and recommendations
 """
 
 from .advanced import AdvancedKVCache
+from .block_manager import BlockManager, PagedBatch
 from .block_pool import BlockPool
 from .config import CacheConfig, EvictionPolicy, create_cache_config_for_speculative_decoding
 from .monitor import CachePerformanceMonitor
 from .prefix_cache import block_hash
 from .view import PagedCacheView
 
-__all__ = ["AdvancedKVCache", "BlockPool", "CacheConfig", "CachePerformanceMonitor", "EvictionPolicy",
+__all__ = ["AdvancedKVCache", "BlockManager", "BlockPool", "CacheConfig", "CachePerformanceMonitor", "EvictionPolicy",
+           "PagedBatch",
            "PagedCacheView", "block_hash", "create_cache_config_for_speculative_decoding"]

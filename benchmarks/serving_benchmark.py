@@ -1,0 +1,188 @@
+"""Serving many requests: continuous batching against static batching and one request at a time.
+
+The workload is nano-vllm's benchmark shape: ``N`` requests whose prompt and output lengths are
+drawn uniformly from a range, all arriving at once, no early stop (every request generates its
+full ``max_tokens``).  Three ways to serve it, timed in one run on the same weights:
+
+* **continuous** -- :class:`transformer.engine.LLMEngine`: requests join and leave the running
+  batch every step, prompts are prefilled in chunks under a token budget, memory is the paged pool;
+* **static** -- ``generate()`` over batches of ``--batch`` requests in arrival order, each batch
+  left-padded to its longest prompt and decoded until its longest output is done (what a server
+  without continuous batching does);
+* **one at a time** -- ``generate()`` per request, in order.
+
+Reported per mode: output tokens/s (requested output tokens / wall time), time to first token
+(TTFT) and inter-token latency (ITL), p50 and p99 over requests.  Every mode's greedy tokens are
+compared with one-at-a-time ``generate()``.
+
+    python -m benchmarks.serving_benchmark --checkpoint out          # the default trained model
+    python -m benchmarks.serving_benchmark --random                  # its shape, random weights
+    python -m benchmarks.serving_benchmark --random --quick          # smoke test (seconds)
+
+Not timed here yet: ``transformers``' continuous batching (it needs GPT-2-shaped weights; the
+default model is RoPE/RMSNorm) and the GPU.  See ``docs/serving.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Dict, List
+
+import torch
+
+from benchmarks.common import format_machine, machine_description, markdown_table, set_threads, write_results
+from transformer import DecoderOnlyTransformer, ModelConfig
+from transformer.engine import LLMEngine, SamplingParams
+
+DEFAULT_OUT = "benchmarks/results/serving_cpu.json"
+
+
+def workload(n: int, lo: int, hi: int, vocab: int, seed: int):
+    """``n`` (prompt ids, output length) pairs, lengths uniform in ``[lo, hi]``."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n, 2), generator=g).tolist()
+    return [(torch.randint(0, vocab, (p,), generator=g).tolist(), o) for p, o in lens]
+
+
+def pct(xs: List[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
+
+
+def summarize(name: str, wall: float, out_tokens: int, ttft: List[float], itl: List[float]) -> Dict:
+    return dict(mode=name, wall_s=wall, output_tokens=out_tokens, tokens_per_s=out_tokens / wall,
+                ttft_p50_ms=1e3 * pct(ttft, 0.5), ttft_p99_ms=1e3 * pct(ttft, 0.99),
+                itl_p50_ms=1e3 * pct(itl, 0.5), itl_p99_ms=1e3 * pct(itl, 0.99))
+
+
+def run_continuous(model, reqs, args):
+    engine = LLMEngine(model, num_blocks=args.num_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens)
+    t0 = time.perf_counter()
+    rids = [engine.add_request(p, SamplingParams(max_tokens=o, ignore_eos=True)) for p, o in reqs]
+    times: Dict[str, List[float]] = {r: [] for r in rids}
+    while engine.has_unfinished():
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            if o.new_token_ids:
+                times[o.request_id].append(now)
+    wall = time.perf_counter() - t0
+    tokens = [engine.pop_finished(r).output_ids for r in rids]
+    ttft = [ts[0] - t0 for ts in times.values()]
+    itl = [b - a for ts in times.values() for a, b in zip(ts, ts[1:])]
+    row = summarize("continuous (LLMEngine)", wall, sum(o for _, o in reqs), ttft, itl)
+    row["preemptions"] = engine.scheduler.num_preemptions
+    return row, tokens
+
+
+def run_static(model, reqs, batch: int):
+    t0 = time.perf_counter()
+    ttft, itl, tokens = [], [], []
+    for s in range(0, len(reqs), batch):
+        group = reqs[s:s + batch]
+        P = max(len(p) for p, _ in group)
+        ids = torch.zeros(len(group), P, dtype=torch.long)
+        mask = torch.zeros(len(group), P, dtype=torch.long)
+        for i, (p, _) in enumerate(group):
+            ids[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
+        stamps = []
+        out = model.generate(ids, max(o for _, o in group), attention_mask=mask, eos_token_id=None,
+                             streamer=lambda _tok: stamps.append(time.perf_counter()))
+        for i, (_, o) in enumerate(group):
+            ttft.append(stamps[0] - t0)
+            itl += [b - a for a, b in zip(stamps[:o - 1], stamps[1:o])]
+            tokens.append(out[i, P:P + o].tolist())
+    wall = time.perf_counter() - t0
+    return summarize(f"static batches of {batch} (generate)", wall, sum(o for _, o in reqs), ttft, itl), tokens
+
+
+def run_one_at_a_time(model, reqs):
+    t0 = time.perf_counter()
+    ttft, itl, tokens = [], [], []
+    for p, o in reqs:
+        stamps = []
+        out = model.generate(torch.tensor([p]), o, eos_token_id=None,
+                             streamer=lambda _tok: stamps.append(time.perf_counter()))
+        ttft.append(stamps[0] - t0)
+        itl += [b - a for a, b in zip(stamps, stamps[1:])]
+        tokens.append(out[0, len(p):].tolist())
+    wall = time.perf_counter() - t0
+    return summarize("one at a time (generate)", wall, sum(o for _, o in reqs), ttft, itl), tokens
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a train.py run directory or checkpoint")
+    src.add_argument("--random", action="store_true", help="the default model's shape with random weights")
+    p.add_argument("--requests", type=int, default=64, help="number of requests [64]")
+    p.add_argument("--min-len", type=int, default=16, help="shortest prompt and output [16]")
+    p.add_argument("--max-len", type=int, default=128, help="longest prompt and output [128]")
+    p.add_argument("--batch", type=int, default=16, help="static batch size [16]")
+    p.add_argument("--num-blocks", type=int, default=1024, help="engine KV blocks [1024]")
+    p.add_argument("--block-size", type=int, default=16, help="engine block size [16]")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="engine: most requests per step [32]")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="engine: most tokens per step [512]")
+    p.add_argument("--threads", type=int, default=None, help="torch threads [all cores]")
+    p.add_argument("--no-one-at-a-time", action="store_true", help="skip the slowest mode")
+    p.add_argument("--quick", action="store_true", help="8 short requests: a smoke test (numbers mean nothing)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help=f"JSON to write [{DEFAULT_OUT}; --quick: none]")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.requests, args.min_len, args.max_len, args.batch = 8, 4, 12, 4
+    set_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.random:
+        model = DecoderOnlyTransformer(ModelConfig(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, max_seq_len=256,
+                                                   pos_encoding="rope", norm="rmsnorm", bias=False)).eval()
+        if args.quick:
+            model = DecoderOnlyTransformer(ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4,
+                                                       max_seq_len=64)).eval()
+    else:
+        from transformer.checkpoint import load_model
+        model = load_model(args.checkpoint)[0]
+    reqs = workload(args.requests, args.min_len, args.max_len, model.config.vocab_size, args.seed)
+    rows, outputs = [], {}
+    with torch.inference_mode():
+        model.generate(torch.tensor([reqs[0][0]]), 4, eos_token_id=None)  # warm-up
+        for name, fn in (("continuous", lambda: run_continuous(model, reqs, args)),
+                         ("static", lambda: run_static(model, reqs, args.batch)),
+                         ("one", None if args.no_one_at_a_time else lambda: run_one_at_a_time(model, reqs))):
+            if fn is None:
+                continue
+            row, toks = fn()
+            rows.append(row)
+            outputs[name] = toks
+            print(f"{row['mode']}: {row['tokens_per_s']:.1f} output tokens/s", flush=True)
+    ref = outputs.get("one")
+    for row, name in zip(rows, outputs):
+        row["same_tokens_as_one_at_a_time"] = None if ref is None else sum(
+            a == b for a, b in zip(outputs[name], ref)) / len(ref)
+    base = next(r["tokens_per_s"] for r in rows if r["mode"].startswith("static"))
+    table = markdown_table(
+        [[r["mode"], f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / base:.2f}", f"{r['ttft_p50_ms']:.0f}",
+          f"{r['ttft_p99_ms']:.0f}", f"{r['itl_p50_ms']:.1f}", f"{r['itl_p99_ms']:.1f}",
+          "-" if r["same_tokens_as_one_at_a_time"] is None else f"{100 * r['same_tokens_as_one_at_a_time']:.0f}%"]
+         for r in rows],
+        ["mode", "output tokens/s", "vs static", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
+         "requests with the same tokens as one at a time"])
+    machine = machine_description()
+    cfg = model.config
+    text = (f"## Serving benchmark\n\nMachine: {format_machine(machine)}\n\nModel: {cfg.n_layers} layers, d_model "
+            f"{cfg.d_model}, vocab {cfg.vocab_size}, context {cfg.max_seq_len}, "
+            f"{'random weights' if args.random else args.checkpoint}, float32.  Workload: {args.requests} requests, "
+            f"prompt and output lengths uniform in [{args.min_len}, {args.max_len}], all at t=0, no early stop.  "
+            f"Engine: {args.num_blocks} blocks of {args.block_size}, max_num_seqs {args.max_num_seqs}, "
+            f"max_num_batched_tokens {args.max_num_batched_tokens}.\n\n{table}\n")
+    print("\n" + text)
+    out = args.out or (None if args.quick else DEFAULT_OUT)
+    if out:
+        write_results(out, dict(rows=rows, args=vars(args)), machine, markdown=text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""``BlockManager`` and ``PagedBatch``: the paged pool as the memory of a serving engine.
+
+A serving engine runs many sequences in one forward pass and changes the set every step: a
+finished sequence leaves, a waiting one joins, a long prompt arrives in chunks.  vLLM's answer,
+which this module follows, splits the work in two:
+
+* **once per step, on the host** -- the :class:`BlockManager` decides where every new token's
+  keys and values go.  It owns each sequence's block table over a
+  :class:`~kv_cache.paged.block_pool.BlockPool`, takes blocks from the free list only when a
+  sequence crosses a block boundary, shares the full blocks of a prompt prefix it has seen
+  before (:mod:`~kv_cache.paged.prefix_cache`), and gives everything back when a sequence ends
+  or is preempted.  It never evicts on its own: :meth:`BlockManager.can_append` tells the
+  engine's scheduler whether a step fits, and the scheduler preempts if it does not;
+* **once per layer, on the device** -- a :class:`PagedBatch` is the step as the model's forward
+  pass sees it (the ``Cache`` questions): ``update`` writes the step's keys and values into
+  their slots with one ``index_copy_`` and reads every key the step's queries may see with one
+  ``index_select``; ``key_positions`` and ``retention_mask`` tell the model's one mask builder
+  which position each key holds and which sequence it belongs to.
+
+The step is *packed*: the ``S`` new tokens of all sequences (a decode token for some, a prompt
+chunk for others) are one row, ``(1, S)``, and the keys are the sequences' histories one after
+another, ``(1, N, H_kv, D)``.  A query sees a key iff they belong to the same sequence and the
+key's position is not after the query's (causality by positions): a block-diagonal causal mask,
+built by the model from what this cache reports.  Nothing is padded.  The price on this path is
+the gather: each step copies the ``N`` keys it reads (a fused paged-attention kernel would read
+the blocks in place).  This module knows no model.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple
+
+import torch
+
+from .block_pool import BlockPool, SequenceState
+from .prefix_cache import match_cached_blocks, register_full_blocks, token_list
+
+Tensor = torch.Tensor
+
+
+class BlockManager:
+    """Block tables of many sequences over one :class:`BlockPool`, with prefix caching.
+
+    Args:
+        pool: the storage (its ``max_blocks`` is the memory budget; never exceeded).
+        enable_prefix_caching: share the full blocks of a prompt prefix computed before.
+
+    A sequence's life: :meth:`allocate` (returns how many prompt tokens are already cached),
+    then per step :meth:`slots` for its new tokens (takes blocks) and :meth:`commit` after the
+    forward pass wrote them; :meth:`free` at the end or on preemption.  Host-only, O(blocks
+    touched) per call; the one device tensor per step is built by :meth:`batch`.
+    """
+
+    def __init__(self, pool: BlockPool, enable_prefix_caching: bool = True):
+        if not isinstance(pool, BlockPool):
+            raise TypeError(f"pool must be a BlockPool, got {type(pool).__name__}")
+        self.pool, self.block_size = pool, pool.block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.seqs: Dict[Hashable, SequenceState] = {}
+        self.prefix_query_tokens = self.prefix_hit_tokens = 0
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that may still be handed out: the free list plus the budget not yet allocated."""
+        return self.pool.num_free + self.pool.max_blocks - self.pool.capacity
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks referenced by at least one sequence."""
+        return self.pool.num_used
+
+    def length(self, sid: Hashable) -> int:
+        """Tokens of ``sid`` whose keys and values are in the pool."""
+        return self.seqs[sid].lengths[0]
+
+    def blocks_needed(self, sid: Hashable, n: int) -> int:
+        """Blocks writing ``n`` more tokens of ``sid`` takes: new blocks, plus a copy of a shared
+        block the first of them lands in (copy on write)."""
+        seq, bs = self.seqs[sid], self.block_size
+        start = seq.lengths[0]
+        if n <= 0:
+            return 0
+        last = (start + n - 1) // bs
+        shared = start // bs < len(seq.blocks) and self.pool.ref_counts[seq.blocks[start // bs]] > 1
+        return max(0, last + 1 - len(seq.blocks)) + int(shared)
+
+    def can_append(self, needs: Dict[Hashable, int]) -> bool:
+        """Would writing ``needs[sid]`` more tokens of each sequence fit in the free blocks?"""
+        return sum(self.blocks_needed(sid, n) for sid, n in needs.items()) <= self.num_free_blocks
+
+    # ------------------------------------------------------------------ life cycle
+    def allocate(self, sid: Hashable, token_ids: Sequence[int]) -> int:
+        """Start sequence ``sid`` whose known tokens are ``token_ids``; return how many of them
+        are already cached (full blocks of a prefix seen before, at most ``len - 1`` so that the
+        last token is computed: its logits are needed).  Takes no free block."""
+        if sid in self.seqs:
+            raise ValueError(f"sequence id {sid!r} is already allocated; free it first")
+        ids = token_list(token_ids)
+        blocks, hashes = (match_cached_blocks(self.pool, ids, self.block_size)
+                          if self.enable_prefix_caching and ids else ([], []))
+        cached = min(len(blocks) * self.block_size, max(len(ids) - 1, 0))
+        keep = -(-cached // self.block_size)  # blocks holding the cached tokens
+        for b in blocks[:keep]:
+            self.pool.revive(b)
+        self.seqs[sid] = SequenceState(blocks=blocks[:keep], lengths=[cached], token_ids=ids,
+                                       hashes=hashes[:cached // self.block_size])
+        self.prefix_query_tokens += len(ids)
+        self.prefix_hit_tokens += cached
+        return cached
+
+    def slots(self, sid: Hashable, n: int) -> List[int]:
+        """Storage slots for the next ``n`` tokens of ``sid`` (``table[p // bs] * bs + p % bs``),
+        taking new blocks and copying a shared one first.  Check :meth:`can_append` before:
+        an exhausted pool raises :class:`~kv_cache.errors.PoolExhaustedError`."""
+        seq, bs = self.seqs[sid], self.block_size
+        start = seq.lengths[0]
+        first = start // bs
+        if n and first < len(seq.blocks):
+            b = seq.blocks[first]
+            if self.pool.ref_counts[b] > 1:  # shared: this sequence writes into a private copy
+                seq.blocks[first] = self.pool.copy_block(b)
+                self.pool.decref(b)
+                del seq.hashes[first:]
+            elif self.pool.block_hashes[b] is not None:  # its content is about to change
+                self.pool.unregister(b)
+                del seq.hashes[first:]
+        while len(seq.blocks) * bs < start + n:
+            seq.blocks.append(self.pool.allocate())
+        return [seq.blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
+
+    def commit(self, sid: Hashable, n: int, token_ids: Sequence[int] = ()) -> None:
+        """The forward pass wrote ``n`` more tokens of ``sid``; ``token_ids`` are tokens newly
+        known (generated) for the prefix index.  Full blocks enter the index."""
+        seq = self.seqs[sid]
+        seq.lengths[0] += n
+        seq.token_ids.extend(token_ids)
+        if self.enable_prefix_caching:
+            register_full_blocks(self.pool, seq, self.block_size)
+
+    def free(self, sid: Hashable) -> None:
+        """Give ``sid``'s blocks back (hashed ones stay revivable until handed out again)."""
+        seq = self.seqs.pop(sid)
+        for b in reversed(seq.blocks):  # the tail first: the prompt's blocks stay cached longest
+            self.pool.decref(b)
+
+    def check_invariants(self) -> None:
+        """Assert the pool's reference counts and free list match the block tables (tests)."""
+        self.pool.check_invariants(s.blocks for s in self.seqs.values())
+        for sid, s in self.seqs.items():
+            assert len(s.blocks) * self.block_size >= s.lengths[0], f"{sid!r} holds fewer slots than tokens"
+
+    # ------------------------------------------------------------------ one step
+    def batch(self, chunks: Sequence[Tuple[Hashable, int]], packed: bool = True) -> "PagedBatch":
+        """The step for ``chunks`` = ``[(sid, n_new), ...]`` as the cache a model's forward uses.
+
+        Takes the blocks the new tokens need.  ``packed=True``: all new tokens in one row
+        ``(1, S)`` and all the sequences' keys one after another (prompt chunks: no padding of
+        queries).  ``packed=False``: one row per sequence, ``(B, max n_new)`` queries and ``(B,
+        longest history)`` keys, shorter rows padded with keys at a position no query reaches
+        (decode steps: attention reads ``B x L`` keys, not ``B x B x L``).  Call :meth:`commit`
+        for each chunk after the forward.  Cost: O(keys read) host work for a few index tensors.
+        """
+        rows = []  # per sequence: (write slots, read slots, query positions)
+        for sid, n in chunks:
+            start = self.length(sid)
+            write = self.slots(sid, n)
+            seq, bs = self.seqs[sid], self.block_size
+            rows.append((write, [seq.blocks[p // bs] * bs + p % bs for p in range(start + n)], start))
+        dev = self.pool.device
+        as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+        if packed:
+            write = [w for r in rows for w in r[0]]
+            read = [s for r in rows for s in r[1]]
+            kpos = [p for r in rows for p in range(len(r[1]))]
+            kseq = [i for i, r in enumerate(rows) for _ in r[1]]
+            qpos = [p for r in rows for p in range(r[2], len(r[1]))]
+            qseq = [i for i, r in enumerate(rows) for _ in r[0]]
+            return PagedBatch(self.pool, as_t([write]), as_t([read]), as_t([kpos]), as_t([qpos]),
+                              as_t([qseq]), as_t([kseq]))
+        S, N = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+        if any(len(r[0]) != S for r in rows):
+            raise ValueError(f"packed=False needs the same number of new tokens per sequence, got "
+                             f"{[n for _, n in chunks]}")
+        far = torch.iinfo(torch.long).max  # a key position after every query: masked by causality
+        read = [r[1] + [r[1][0]] * (N - len(r[1])) for r in rows]
+        kpos = [list(range(len(r[1]))) + [far] * (N - len(r[1])) for r in rows]
+        qpos = [list(range(r[2], len(r[1]))) for r in rows]
+        return PagedBatch(self.pool, as_t([r[0] for r in rows]), as_t(read), as_t(kpos), as_t(qpos))
+
+
+class PagedBatch:
+    """One engine step as the model's forward pass sees it (the ``Cache`` questions).
+
+    Built by :meth:`BlockManager.batch`.  Long tensors on the pool's device, ``B`` rows:
+    ``write_slots`` ``(B, S)`` where the new tokens go, ``read_slots`` ``(B, N)`` the keys each
+    row reads (its history, the new tokens included), ``positions`` ``(B, N)`` each key's
+    position, ``query_positions`` ``(B, S)`` the new tokens' positions; for a packed step
+    (``B = 1``, several sequences in the row) also ``query_seq`` ``(1, S)`` and ``key_seq`` ``(1,
+    N)``, each token's sequence number.
+
+    * ``update(key, value, layer_idx, cache_position)`` takes ``(B, S, H_kv, D)`` ("bshd"),
+      writes it at ``write_slots`` and returns ``(B, N, H_kv, D)`` gathered at ``read_slots``;
+    * ``key_positions(layer)`` is ``positions`` (one tensor for every layer: one mask);
+    * ``retention_mask(q, k)``: packed, ``query_seq == key_seq`` per pair, ``(1, S, N)`` -- a
+      query sees only its own sequence (the model ANDs causality by position in); else ``None``
+      (padding keys sit at a position after every query, so causality hides them).
+
+    Pass ``cache_position=query_positions`` to the model, so the mask is built and rotary or
+    learned positions are right.  Cost per layer: one write of ``B * S`` tokens and one gather
+    of ``B * N``; the mask is ``B x S x N`` booleans, once per step.
+    """
+
+    is_lossless = True
+    positions_in_cache = False
+    layout = "bshd"
+
+    def __init__(self, pool: BlockPool, write_slots: Tensor, read_slots: Tensor, positions: Tensor,
+                 query_positions: Tensor, query_seq: Optional[Tensor] = None, key_seq: Optional[Tensor] = None):
+        self.pool, self.write_slots, self.read_slots = pool, write_slots, read_slots
+        self.positions, self.query_positions = positions, query_positions
+        self.query_seq, self.key_seq = query_seq, key_seq
+
+    def update(self, key: Tensor, value: Tensor, layer_idx: int,
+               cache_position: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Write the step's ``(B, S, H_kv, D)`` keys/values; return ``(B, N, H_kv, D)`` each."""
+        if key.shape[:2] != self.write_slots.shape:
+            raise ValueError(f"this PagedBatch step takes keys of shape {tuple(self.write_slots.shape)} + (H_kv, D), "
+                             f"got {tuple(key.shape)}")
+        self.pool.write(layer_idx, self.write_slots.flatten(), key.flatten(0, 1), value.flatten(0, 1))
+        k, v = self.pool.read(layer_idx, self.read_slots.flatten())
+        return k.view(*self.read_slots.shape, *k.shape[1:]), v.view(*self.read_slots.shape, *v.shape[1:])
+
+    def key_positions(self, layer_idx: int, in_cache: bool = False) -> Tensor:
+        """``(B, N)`` position of each key inside its own sequence."""
+        return self.positions
+
+    def retention_mask(self, query_positions: Tensor, key_positions: Tensor) -> Optional[Tensor]:
+        """Packed: ``(1, S, N)``, may query ``i`` see key ``j`` at all (same sequence); else ``None``."""
+        if self.query_seq is None:
+            return None
+        return self.query_seq.unsqueeze(-1) == self.key_seq.unsqueeze(-2)
+
+    def rotary_positions(self, layer_idx: int) -> None:
+        """``None``: keys are rotated at their position before :meth:`update`."""
+        return None
+
+    def get_max_cache_shape(self) -> int:
+        """Keys a row reads, ``N``."""
+        return self.read_slots.shape[-1]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        raise ValueError("a PagedBatch holds many sequences and has no single length; pass cache_position "
+                         "(its query_positions) to the model")

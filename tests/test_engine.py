@@ -1,0 +1,185 @@
+"""The serving engine (``transformer.engine``) and its memory (``kv_cache.paged.block_manager``).
+
+The proof that continuous batching changes nothing: at temperature 0 (float32) every request
+gets exactly the tokens ``generate()`` gives its prompt alone, for random workloads (arrival
+times, prompt and output lengths, shared prefixes, aborts) and a pool small enough to force
+preemption; the pool's books balance after every step and nothing leaks at the end.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import tiny_decoder
+from kv_cache.paged.block_manager import BlockManager
+from kv_cache.paged.block_pool import BlockPool
+from transformer.engine import LLMEngine, SamplingParams
+
+V = 61
+
+
+def alone(model, prompt, n, eos=None):
+    """What ``generate()`` gives this prompt alone (greedy), as a list of new tokens."""
+    out = model.generate(torch.tensor([prompt]), n, eos_token_id=eos)[0, len(prompt):].tolist()
+    if eos is not None and eos in out:
+        out = out[:out.index(eos) + 1]
+    return out
+
+
+MODELS = {pos: tiny_decoder("gqa", pos) for pos in ("learned", "rope")}
+
+
+def run_workload(engine, arrivals, aborts=()):
+    """Add ``arrivals`` = ``[(step, prompt, max_tokens), ...]`` at their steps, abort the ids in
+    ``aborts`` = ``{step: [index]}``; check the invariants after every step; return outputs."""
+    pending, rids, step = list(arrivals), {}, 0  # sorted by arrival step
+    aborts = dict(aborts)
+    while pending or engine.has_unfinished():
+        while pending and pending[0][0] <= step:
+            _, prompt, n = pending.pop(0)
+            rids[len(rids)] = engine.add_request(prompt, SamplingParams(max_tokens=n))
+        for i in aborts.get(step, ()):
+            if i in rids:
+                engine.abort(rids[i])
+        engine.step()
+        engine.check_invariants()
+        step += 1
+        assert step < 10_000
+    assert engine.blocks.num_used_blocks == 0 and not engine.blocks.seqs  # nothing leaked
+    return {i: engine.pop_finished(r) for i, r in rids.items()}
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_engine_matches_generate_for_each_request(pos):
+    model = MODELS[pos]
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, V, (int(n),), generator=g).tolist() for n in torch.randint(1, 40, (9,), generator=g)]
+    engine = LLMEngine(model, num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=24)
+    outs = engine.generate(prompts, [SamplingParams(max_tokens=3 + i) for i in range(len(prompts))])
+    for i, (p, out) in enumerate(zip(prompts, outs)):
+        assert out == alone(model, p, 3 + i), i
+    assert engine.num_steps > 1 and engine.blocks.num_used_blocks == 0
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), pos=st.sampled_from(["learned", "rope"]), block_size=st.sampled_from([2, 4, 8]),
+       num_blocks=st.integers(12, 40), max_seqs=st.integers(1, 6), budget=st.integers(4, 48))
+def test_random_workloads_match_generate_with_preemption_and_prefix_sharing(data, pos, block_size, num_blocks,
+                                                                           max_seqs, budget):
+    model = MODELS[pos]
+    base = data.draw(st.lists(st.integers(0, V - 1), min_size=0, max_size=12), label="shared prefix")
+    n_req = data.draw(st.integers(1, 7), label="requests")
+    arrivals = []
+    for _ in range(n_req):
+        tail = data.draw(st.lists(st.integers(0, V - 1), min_size=1, max_size=10))
+        prompt = (base + tail) if data.draw(st.booleans()) else tail
+        n = data.draw(st.integers(1, 12))
+        if -(-(len(prompt) + n) // block_size) > num_blocks:
+            continue
+        arrivals.append((data.draw(st.integers(0, 8)), prompt, n))
+    arrivals.sort(key=lambda a: a[0])
+    aborts = data.draw(st.dictionaries(st.integers(0, 10), st.lists(st.integers(0, 6), max_size=2), max_size=2))
+    engine = LLMEngine(model, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_seqs,
+                       max_num_batched_tokens=budget)
+    got = run_workload(engine, arrivals, aborts)
+    for i, req in got.items():
+        want = alone(model, arrivals[i][1], arrivals[i][2])
+        if req.finish_reason == "abort":
+            assert req.output_ids == want[:len(req.output_ids)]  # a prefix of the right answer
+        else:
+            assert req.output_ids == want and req.finish_reason == "length"
+
+
+def test_small_pool_forces_preemption_and_outputs_stay_exact():
+    model = MODELS["rope"]
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, V, (10,), generator=g).tolist() for _ in range(6)]
+    engine = LLMEngine(model, num_blocks=12, block_size=4, max_num_seqs=6, max_num_batched_tokens=64)
+    outs = engine.generate(prompts, SamplingParams(max_tokens=20))
+    assert engine.scheduler.num_preemptions > 0  # 6 x 30 tokens cannot all fit in 48 slots
+    assert outs == [alone(model, p, 20) for p in prompts]
+
+
+def test_prefix_cache_skips_the_shared_blocks():
+    model = MODELS["learned"]
+    prefix = list(range(1, 17))
+    engine = LLMEngine(model, num_blocks=32, block_size=4)
+    first = engine.generate([prefix + [20, 21]], SamplingParams(max_tokens=2))
+    before = engine.num_prefill_tokens
+    second = engine.generate([prefix + [30]], SamplingParams(max_tokens=2))
+    # 16 shared tokens = 4 full blocks are revived; only the one new token is computed
+    assert engine.blocks.prefix_hit_tokens == 16 and engine.num_prefill_tokens == before
+    assert first[0] == alone(model, prefix + [20, 21], 2) and second[0] == alone(model, prefix + [30], 2)
+    assert engine.stats()["prefix_hit_rate"] > 0
+
+
+def test_eos_and_stop_tokens_end_a_request():
+    model = MODELS["learned"]
+    p = [5, 6, 7]
+    ref = alone(model, p, 10)
+    stop = ref[3]
+    engine = LLMEngine(model, num_blocks=16, block_size=4)
+    rid = engine.add_request(p, SamplingParams(max_tokens=10, stop_token_ids=[stop]))
+    while engine.has_unfinished():
+        engine.step()
+    req = engine.pop_finished(rid)
+    assert req.output_ids == ref[:ref.index(stop) + 1] and req.finish_reason == "stop"
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch():
+    model = MODELS["rope"]
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_k=20, seed=7)
+    alone_engine = LLMEngine(model, num_blocks=32, block_size=4)
+    solo = alone_engine.generate([[1, 2, 3]], params)[0]
+    busy = LLMEngine(model, num_blocks=64, block_size=4, max_num_seqs=8)
+    others = [[9] * k for k in range(1, 6)]
+    outs = busy.generate(others[:2] + [[1, 2, 3]] + others[2:],
+                         [SamplingParams(max_tokens=9, temperature=0.8, seed=s) for s in range(2)] + [params]
+                         + [SamplingParams(max_tokens=5, temperature=0.8, seed=s) for s in range(3)])
+    assert outs[2] == solo
+    assert LLMEngine(model, num_blocks=32, block_size=4).generate([[1, 2, 3]], params)[0] == solo  # reproducible
+
+
+def test_bad_requests_are_refused_with_the_field_named():
+    model = MODELS["learned"]  # max_seq_len 128
+    engine = LLMEngine(model, num_blocks=8, block_size=4)
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.add_request([1, 2], SamplingParams(max_tokens=127))
+    with pytest.raises(ValueError, match="num_blocks"):
+        engine.add_request([1, 2], SamplingParams(max_tokens=40))  # 42 tokens > 8 blocks of 4
+    with pytest.raises(ValueError, match="vocab_size"):
+        engine.add_request([1, V], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="prompt"):
+        engine.add_request([], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="num_blocks"):
+        LLMEngine(model, num_blocks=0)
+    assert not engine.abort("no-such-request")
+
+
+def test_block_manager_copy_on_write_and_free_list():
+    pool = BlockPool(num_layers=1, num_kv_heads=1, head_dim=2, block_size=4, max_blocks=6, preallocate=True)
+    bm = BlockManager(pool)
+    assert bm.allocate("a", list(range(8))) == 0
+    bm.slots("a", 8)
+    bm.commit("a", 8)
+    assert bm.num_used_blocks == 2 and bm.num_free_blocks == 4
+    # the same 8 tokens: both full blocks are shared, 7 tokens count as cached (the last is recomputed)
+    assert bm.allocate("b", list(range(8))) == 7
+    assert bm.blocks_needed("b", 1) == 1  # writing token 7 copies the shared second block
+    slots = bm.slots("b", 1)
+    assert pool.stats["cow_copies"] == 1 and slots[0] // 4 not in bm.seqs["a"].blocks
+    bm.commit("b", 1)
+    bm.check_invariants()
+    bm.free("a")
+    bm.free("b")
+    bm.check_invariants()
+    assert bm.num_used_blocks == 0 and bm.num_free_blocks == 6

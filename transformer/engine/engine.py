@@ -1,0 +1,214 @@
+"""``LLMEngine``: many requests at once, continuous batching over the paged KV pool.
+
+The loop, one :meth:`LLMEngine.step` at a time (nano-vllm's shape: scheduler, block manager,
+model runner)::
+
+    chunks = scheduler.schedule()              # who runs, how many tokens each (host)
+    batch  = blocks.batch(chunks)              # where their keys go and which keys they read
+    logits = model(ids, cache=batch, cache_position=batch.query_positions,
+                   num_logits_to_keep=last)    # the model's one forward pass, all requests packed
+    tokens = sample(logits, each request's own settings and random stream)
+
+The model is the project's ordinary forward pass: the packed step is a cache
+(:class:`~kv_cache.paged.block_manager.PagedBatch`) that reports each key's position and
+sequence, and the model's one mask builder turns that into a block-diagonal causal mask.  There
+is no engine-only model code.  Sampling happens per request on its own ``torch.Generator``
+(seeded by ``seed``), so a request's tokens do not depend on which others share its steps --
+up to float rounding of batched arithmetic, which can flip a near-tie (greedy in float32: see
+``tests/test_engine.py``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+from kv_cache.paged.block_manager import BlockManager
+from kv_cache.paged.block_pool import BlockPool
+
+from ..model import DecoderOnlyTransformer
+from ..sampling import process_logits
+from .request import Request, RequestOutput, SamplingParams, Status
+from .scheduler import Scheduler
+
+
+class LLMEngine:
+    """Serve many generation requests with one model; see the module docstring.
+
+    Args:
+        model: a decoder-only model of this project (``DecoderOnlyTransformer``), on its device
+            and dtype; the pool takes both.
+        num_blocks: KV memory budget in blocks (never exceeded).  Memory:
+            ``2 * n_layers * num_blocks * block_size * n_kv_heads * head_dim`` elements.
+        block_size: tokens per block.
+        max_num_seqs: most requests in one step.
+        max_num_batched_tokens: most tokens in one step (prefill chunks + decode tokens).
+        enable_prefix_caching: share the KV blocks of prompt prefixes seen before.
+        eos_token_id: stops every request unless it sets its own ``stop_token_ids``
+            (default: the model config's ``eos_token_id``).
+
+    Use: :meth:`add_request` then :meth:`step` until :meth:`has_unfinished` is False, or
+    :meth:`generate` for a list of prompts.  Cost per step: one forward over the step's tokens
+    plus a gather of every running request's history per layer.
+    """
+
+    def __init__(self, model, *, num_blocks: int = 256, block_size: int = 16, max_num_seqs: int = 32,
+                 max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
+                 eos_token_id: Optional[int] = None):
+        cfg = getattr(model, "config", None)
+        if not isinstance(model, DecoderOnlyTransformer):
+            raise ValueError("LLMEngine serves decoder-only models (DecoderOnlyTransformer); got "
+                             f"{type(model).__name__}")
+        for name, v in (("num_blocks", num_blocks), ("block_size", block_size), ("max_num_seqs", max_num_seqs),
+                        ("max_num_batched_tokens", max_num_batched_tokens)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        p = next(model.parameters())
+        self.model, self.config = model.eval(), cfg
+        self.pool = BlockPool(num_layers=cfg.n_layers, num_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                              block_size=block_size, max_blocks=num_blocks, dtype=p.dtype, device=p.device,
+                              preallocate=True)
+        self.blocks = BlockManager(self.pool, enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.eos_token_id = cfg.eos_token_id if eos_token_id is None else eos_token_id
+        self.requests: Dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        self.num_generated_tokens = self.num_prefill_tokens = self.num_steps = 0
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
+                    request_id: Optional[str] = None) -> str:
+        """Queue a request; return its id.  Refuses (``ValueError`` naming the field) an empty
+        prompt, token ids outside the vocabulary, ``prompt + max_tokens`` past the model's
+        ``max_seq_len``, or a request whose tokens could never fit the pool."""
+        params = SamplingParams() if params is None else params
+        ids = [int(t) for t in (prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else prompt_ids)]
+        V, L = self.config.vocab_size, self.config.max_seq_len
+        if not ids:
+            raise ValueError("prompt must hold at least one token, got an empty prompt")
+        bad = [t for t in ids if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, vocab_size={V}), got {bad[:5]}")
+        if len(ids) + params.max_tokens > L:
+            raise ValueError(f"max_tokens={params.max_tokens} with a prompt of {len(ids)} tokens exceeds the "
+                             f"model's context of {L} tokens; expected prompt + max_tokens <= {L}")
+        need = -(-(len(ids) + params.max_tokens) // self.pool.block_size)
+        if need > self.pool.max_blocks:
+            raise ValueError(f"prompt + max_tokens = {len(ids) + params.max_tokens} tokens need {need} blocks; the "
+                             f"pool has num_blocks={self.pool.max_blocks}")
+        rid = str(next(self._arrivals)) if request_id is None else str(request_id)
+        if rid in self.requests:
+            raise ValueError(f"request_id={rid!r} is already in the engine")
+        req = Request(rid, ids, params, arrival=len(self.requests))
+        req.generator = params.settings.make_generator(self.pool.device)
+        self.requests[rid] = req
+        self.scheduler.add(req)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its memory.  False if it is unknown or already finished."""
+        req = self.requests.get(str(request_id))
+        if req is None or req.finished:
+            return False
+        self.scheduler.finish(req, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        """Is any request waiting or running?"""
+        return self.scheduler.has_unfinished()
+
+    def pop_finished(self, request_id: str) -> Request:
+        """Forget a finished request and return it (its output stays on the object)."""
+        req = self.requests[str(request_id)]
+        if not req.finished:
+            raise ValueError(f"request {request_id!r} is not finished")
+        return self.requests.pop(str(request_id))
+
+    # ------------------------------------------------------------------ one step
+    @torch.inference_mode()
+    def step(self) -> List[RequestOutput]:
+        """Run one scheduled step; return what each request in it produced."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        # Two calls of the model's forward: decode tokens as a (B, 1) batch (each row reads only
+        # its own keys), prompt chunks packed into one (1, S) row (no padded queries).
+        logits = [None] * len(chunks)
+        for packed in (False, True):
+            group = [i for i, (r, n) in enumerate(chunks) if (n > 1) == packed]
+            if group:
+                for i, row in zip(group, self._forward([chunks[i] for i in group], packed)):
+                    logits[i] = row
+        self.num_steps += 1
+        outputs = []
+        for i, (r, n) in enumerate(chunks):
+            r.num_computed += n
+            done = r.num_computed == r.num_tokens  # every known token computed: sample the next
+            token = self._sample(r, logits[i]) if done else None
+            self.blocks.commit(r.request_id, n, [] if token is None else [token])
+            if token is None:
+                self.num_prefill_tokens += n
+                outputs.append(RequestOutput(r.request_id, [], False))
+                continue
+            self.num_generated_tokens += 1
+            r.output_ids.append(token)
+            stops = () if r.params.ignore_eos else r.params.stop_token_ids or (
+                () if self.eos_token_id is None else (self.eos_token_id,))
+            reason = "stop" if token in stops else "length" if len(r.output_ids) >= r.params.max_tokens else None
+            if reason:
+                self.scheduler.finish(r, reason)
+            outputs.append(RequestOutput(r.request_id, [token], reason is not None, reason))
+        return outputs
+
+    def _forward(self, chunks, packed: bool) -> torch.Tensor:
+        """Logits ``(len(chunks), V)`` at the last new token of each chunk, one forward pass."""
+        batch = self.blocks.batch([(r.request_id, n) for r, n in chunks], packed=packed)
+        dev = self.pool.device
+        if packed:
+            ids, last = [], []
+            for r, n in chunks:
+                ids += r.all_ids[r.num_computed:r.num_computed + n]
+                last.append(len(ids) - 1)
+            return self.model(torch.tensor([ids], device=dev), cache=batch, cache_position=batch.query_positions,
+                              num_logits_to_keep=torch.tensor(last, device=dev))[0]  # (len(chunks), V)
+        ids = torch.tensor([[r.all_ids[r.num_computed]] for r, _ in chunks], device=dev)  # (B, 1)
+        return self.model(ids, cache=batch, cache_position=batch.query_positions)[:, -1]  # (B, V)
+
+    def _sample(self, req: Request, logits: torch.Tensor) -> int:
+        """The next token of ``req`` from its ``(V,)`` logits, with its own settings and stream."""
+        s = req.params.settings
+        if s.greedy:
+            return int(logits.argmax())
+        probs = torch.softmax(process_logits(logits[None], s.temperature, s.top_k, s.top_p), dim=-1)
+        return int(torch.multinomial(probs, 1, generator=req.generator))
+
+    # ------------------------------------------------------------------ convenience
+    def generate(self, prompts: Iterable[Sequence[int]], params=None) -> List[List[int]]:
+        """Run ``prompts`` (token id lists) to completion; their generated tokens, in order.
+        ``params``: one :class:`SamplingParams` for all, or a list of one per prompt."""
+        prompts = list(prompts)
+        plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        rids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        while self.has_unfinished():
+            self.step()
+        return [self.pop_finished(r).output_ids for r in rids]
+
+    def stats(self) -> dict:
+        """Counters for monitoring (the server's ``/metrics``)."""
+        bm = self.blocks
+        return dict(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                    blocks_used=bm.num_used_blocks, blocks_free=bm.num_free_blocks,
+                    blocks_total=self.pool.max_blocks, preemptions=self.scheduler.num_preemptions,
+                    prefix_hit_rate=bm.prefix_hit_tokens / max(bm.prefix_query_tokens, 1),
+                    generated_tokens=self.num_generated_tokens, steps=self.num_steps)
+
+    def check_invariants(self) -> None:
+        """Assert the pool's books balance and every running request holds its tokens (tests)."""
+        self.blocks.check_invariants()
+        running = {r.request_id for r in self.scheduler.running}
+        assert running == set(self.blocks.seqs), "block tables and running requests disagree"
+        for r in self.scheduler.running:
+            assert self.blocks.length(r.request_id) == r.num_computed
+        assert self.pool.capacity <= self.pool.max_blocks
