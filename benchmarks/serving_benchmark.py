@@ -18,9 +18,11 @@ compared with one-at-a-time ``generate()``.
     python -m benchmarks.serving_benchmark --checkpoint out          # the default trained model
     python -m benchmarks.serving_benchmark --random                  # its shape, random weights
     python -m benchmarks.serving_benchmark --random --quick          # smoke test (seconds)
+    python -m benchmarks.serving_benchmark --gpt2-shape --device cuda --dtype bfloat16 \
+        --requests 256 --min-len 100 --max-len 1024 --batch 64 --static-compile --no-one-at-a-time
 
-Not timed here yet: ``transformers``' continuous batching (it needs GPT-2-shaped weights; the
-default model is RoPE/RMSNorm) and the GPU.  See ``docs/serving.md``.
+Not timed here yet: ``transformers``' continuous batching (the issue's comparison).  See
+``docs/serving.md``.
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ def run_continuous(model, reqs, args):
     return row, tokens
 
 
-def run_static(model, reqs, batch: int):
+def run_static(model, reqs, batch: int, compile: bool = False):
+    dev = next(model.parameters()).device
     t0 = time.perf_counter()
     ttft, itl, tokens = [], [], []
     for s in range(0, len(reqs), batch):
@@ -89,14 +92,14 @@ def run_static(model, reqs, batch: int):
         for i, (p, _) in enumerate(group):
             ids[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
         stamps = []
-        out = model.generate(ids, max(o for _, o in group), attention_mask=mask, eos_token_id=None,
-                             streamer=lambda _tok: stamps.append(time.perf_counter()))
+        out = model.generate(ids.to(dev), max(o for _, o in group), attention_mask=mask.to(dev), eos_token_id=None,
+                             compile=compile, streamer=lambda _tok: stamps.append(time.perf_counter()))
         for i, (_, o) in enumerate(group):
             ttft.append(stamps[0] - t0)
             itl += [b - a for a, b in zip(stamps[:o - 1], stamps[1:o])]
             tokens.append(out[i, P:P + o].tolist())
     wall = time.perf_counter() - t0
-    return summarize(f"static batches of {batch} (generate)", wall, sum(o for _, o in reqs), ttft, itl), tokens
+    return summarize(f"static batches of {batch} (generate{', compile=True' if compile else ''})", wall, sum(o for _, o in reqs), ttft, itl), tokens
 
 
 def run_one_at_a_time(model, reqs):
@@ -104,7 +107,7 @@ def run_one_at_a_time(model, reqs):
     ttft, itl, tokens = [], [], []
     for p, o in reqs:
         stamps = []
-        out = model.generate(torch.tensor([p]), o, eos_token_id=None,
+        out = model.generate(torch.tensor([p], device=next(model.parameters()).device), o, eos_token_id=None,
                              streamer=lambda _tok: stamps.append(time.perf_counter()))
         ttft.append(stamps[0] - t0)
         itl += [b - a for a, b in zip(stamps, stamps[1:])]
@@ -118,6 +121,10 @@ def main(argv=None) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a train.py run directory or checkpoint")
     src.add_argument("--random", action="store_true", help="the default model's shape with random weights")
+    src.add_argument("--gpt2-shape", action="store_true", help="GPT-2-124M's shape (12 x 768, 50,257 vocab), random")
+    p.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model dtype [float32]")
+    p.add_argument("--static-compile", action="store_true", help="static batches with generate(compile=True)")
     p.add_argument("--requests", type=int, default=64, help="number of requests [64]")
     p.add_argument("--min-len", type=int, default=16, help="shortest prompt and output [16]")
     p.add_argument("--max-len", type=int, default=128, help="longest prompt and output [128]")
@@ -142,15 +149,19 @@ def main(argv=None) -> None:
         if args.quick:
             model = DecoderOnlyTransformer(ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4,
                                                        max_seq_len=64)).eval()
+    elif args.gpt2_shape:
+        model = DecoderOnlyTransformer(ModelConfig(vocab_size=50257, d_model=768, n_layers=12, n_heads=12,
+                                                   max_seq_len=2048)).eval()
     else:
         from transformer.checkpoint import load_model
         model = load_model(args.checkpoint)[0]
+    model.to(device=args.device, dtype=getattr(torch, args.dtype))
     reqs = workload(args.requests, args.min_len, args.max_len, model.config.vocab_size, args.seed)
     rows, outputs = [], {}
     with torch.inference_mode():
-        model.generate(torch.tensor([reqs[0][0]]), 4, eos_token_id=None)  # warm-up
+        model.generate(torch.tensor([reqs[0][0]], device=args.device), 4, eos_token_id=None)  # warm-up
         for name, fn in (("continuous", lambda: run_continuous(model, reqs, args)),
-                         ("static", lambda: run_static(model, reqs, args.batch)),
+                         ("static", lambda: run_static(model, reqs, args.batch, args.static_compile)),
                          ("one", None if args.no_one_at_a_time else lambda: run_one_at_a_time(model, reqs))):
             if fn is None:
                 continue
@@ -172,9 +183,10 @@ def main(argv=None) -> None:
          "requests with the same tokens as one at a time"])
     machine = machine_description()
     cfg = model.config
-    text = (f"## Serving benchmark\n\nMachine: {format_machine(machine)}\n\nModel: {cfg.n_layers} layers, d_model "
+    gpu = f" GPU: {torch.cuda.get_device_name()}." if args.device.startswith("cuda") else ""
+    text = (f"## Serving benchmark\n\nMachine: {format_machine(machine)}.{gpu}\n\nModel: {cfg.n_layers} layers, d_model "
             f"{cfg.d_model}, vocab {cfg.vocab_size}, context {cfg.max_seq_len}, "
-            f"{'random weights' if args.random else args.checkpoint}, float32.  Workload: {args.requests} requests, "
+            f"{args.checkpoint or 'random weights'}, {args.dtype} on {args.device}.  Workload: {args.requests} requests, "
             f"prompt and output lengths uniform in [{args.min_len}, {args.max_len}], all at t=0, no early stop.  "
             f"Engine: {args.num_blocks} blocks of {args.block_size}, max_num_seqs {args.max_num_seqs}, "
             f"max_num_batched_tokens {args.max_num_batched_tokens}.\n\n{table}\n")

@@ -141,12 +141,14 @@ class LLMEngine:
             if group:
                 for i, row in zip(group, self._forward([chunks[i] for i in group], packed)):
                     logits[i] = row
+        logits = torch.stack(logits)  # (len(chunks), V)
+        greedy = logits.argmax(-1).tolist()  # one device read for every greedy request
         self.num_steps += 1
         outputs = []
         for i, (r, n) in enumerate(chunks):
             r.num_computed += n
             done = r.num_computed == r.num_tokens  # every known token computed: sample the next
-            token = self._sample(r, logits[i]) if done else None
+            token = None if not done else greedy[i] if r.params.settings.greedy else self._sample(r, logits[i])
             self.blocks.commit(r.request_id, n, [] if token is None else [token])
             if token is None:
                 self.num_prefill_tokens += n
@@ -177,10 +179,8 @@ class LLMEngine:
         return self.model(ids, cache=batch, cache_position=batch.query_positions)[:, -1]  # (B, V)
 
     def _sample(self, req: Request, logits: torch.Tensor) -> int:
-        """The next token of ``req`` from its ``(V,)`` logits, with its own settings and stream."""
+        """A sampled next token of ``req`` from its ``(V,)`` logits, with its own settings and stream."""
         s = req.params.settings
-        if s.greedy:
-            return int(logits.argmax())
         probs = torch.softmax(process_logits(logits[None], s.temperature, s.top_k, s.top_p), dim=-1)
         return int(torch.multinomial(probs, 1, generator=req.generator))
 

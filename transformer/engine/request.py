@@ -15,6 +15,7 @@ when that reaches the end of the known tokens, samples one more.
 from __future__ import annotations
 
 import enum
+import functools
 import operator
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
@@ -57,7 +58,7 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(operator.index(t) for t in self.stop_token_ids))
         self.settings  # validates temperature/top_k/top_p/seed with the project's one validator
 
-    @property
+    @functools.cached_property
     def settings(self) -> SamplingSettings:
         """These settings as the :class:`SamplingSettings` every generation path reads."""
         return SamplingSettings(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
