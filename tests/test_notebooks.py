@@ -79,6 +79,14 @@ EXPECTED = {
         "standard error of one interval's hit rate",
         "PAGING SAVES MEMORY: True",
     ], 7),
+    "07_continuous_batching": ([
+        "continuous batching: 24 steps, every request got its reference tokens",
+        "preempted request's output == model.generate alone: True",
+        "prefix_hit_tokens: 16 of 21 prompt tokens",
+        "both answers == model.generate alone: True",
+        "admitted in the same step: prefix_hit_tokens = 0",
+        "CONTINUOUS BATCHING CHECK PASSED",
+    ], 6),
 }
 
 
