@@ -183,3 +183,24 @@ def test_block_manager_copy_on_write_and_free_list():
     bm.free("b")
     bm.check_invariants()
     assert bm.num_used_blocks == 0 and bm.num_free_blocks == 6
+
+
+def test_a_request_that_waits_for_memory_is_counted_once_in_the_prefix_hit_rate():
+    """The scheduler tries to admit the first waiting request every step; a try that does not
+    fit must not count its prompt (a bug found by the notebook: hits were counted per try)."""
+    model = MODELS["learned"]
+    prefix = list(range(1, 9))
+    engine = LLMEngine(model, num_blocks=6, block_size=4, max_num_batched_tokens=64)
+    engine.generate([prefix + [20]], SamplingParams(max_tokens=1))  # leaves 2 full prefix blocks cached
+    engine.blocks.prefix_query_tokens = engine.blocks.prefix_hit_tokens = 0
+    a = engine.add_request([30] * 13, SamplingParams(max_tokens=10))  # needs the whole pool in the end
+    b = engine.add_request(prefix + [21], SamplingParams(max_tokens=2))  # waits; its prefix is cached
+    tries = 0
+    while engine.has_unfinished():
+        tries += bool(engine.scheduler.waiting) and engine.scheduler.waiting[0].request_id == b
+        engine.step()
+    assert tries > 1  # b was tried and refused at least once
+    assert engine.blocks.prefix_query_tokens == 13 + 9  # each prompt counted once, however often tried
+    assert engine.blocks.prefix_hit_tokens <= 8
+    assert engine.pop_finished(b).output_ids == alone(model, prefix + [21], 2)
+    assert engine.pop_finished(a).output_ids == alone(model, [30] * 13, 10)

@@ -138,6 +138,15 @@ class BlockManager:
         if self.enable_prefix_caching:
             register_full_blocks(self.pool, seq, self.block_size)
 
+    def cancel(self, sid: Hashable) -> None:
+        """Undo an :meth:`allocate` whose request could not be admitted after all: free its
+        blocks and take its prompt back out of the prefix-cache counters (tried again later, it
+        is counted then)."""
+        seq = self.seqs[sid]
+        self.prefix_query_tokens -= len(seq.token_ids)
+        self.prefix_hit_tokens -= seq.lengths[0]
+        self.free(sid)
+
     def free(self, sid: Hashable) -> None:
         """Give ``sid``'s blocks back (hashed ones stay revivable until handed out again)."""
         seq = self.seqs.pop(sid)

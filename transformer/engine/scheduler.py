@@ -77,7 +77,7 @@ class Scheduler:
             req.num_computed = self.blocks.allocate(req.request_id, req.all_ids)
             n = min(req.num_tokens - req.num_computed, budget)
             if needs + self.blocks.blocks_needed(req.request_id, n) > self.blocks.num_free_blocks:
-                self.blocks.free(req.request_id)  # not this step: give back the prefix blocks it revived
+                self.blocks.cancel(req.request_id)  # not this step: give back the prefix blocks it revived
                 req.num_computed = 0
                 break
             needs += self.blocks.blocks_needed(req.request_id, n)
