@@ -170,32 +170,35 @@ class BlockManager:
         (decode steps: attention reads ``B x L`` keys, not ``B x B x L``).  Call :meth:`commit`
         for each chunk after the forward.  Cost: O(keys read) host work for a few index tensors.
         """
-        rows = []  # per sequence: (write slots, read slots, query positions)
-        for sid, n in chunks:
-            start = self.length(sid)
-            write = self.slots(sid, n)
-            seq, bs = self.seqs[sid], self.block_size
-            rows.append((write, [seq.blocks[p // bs] * bs + p % bs for p in range(start + n)], start))
-        dev = self.pool.device
+        bs, dev = self.block_size, self.pool.device
         as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+        starts = [self.length(sid) for sid, _ in chunks]
+        writes = [self.slots(sid, n) for sid, n in chunks]  # host lists of S_i slots (takes blocks)
+        ends = [st + n for st, (_, n) in zip(starts, chunks)]  # keys each sequence reads
+        # Block tables as one (B, max blocks) tensor; the read slots follow by arithmetic on the
+        # device (slot = table[p // bs] * bs + p % bs), not token by token on the host.
+        width = max(-(-e // bs) for e in ends)
+        table = as_t([self.seqs[sid].blocks[:width] + [0] * (width - len(self.seqs[sid].blocks[:width]))
+                      for sid, _ in chunks])
+        slots = (table.unsqueeze(-1) * bs + torch.arange(bs, device=dev)).flatten(1)  # (B, width * bs)
         if packed:
-            write = [w for r in rows for w in r[0]]
-            read = [s for r in rows for s in r[1]]
-            kpos = [p for r in rows for p in range(len(r[1]))]
-            kseq = [i for i, r in enumerate(rows) for _ in r[1]]
-            qpos = [p for r in rows for p in range(r[2], len(r[1]))]
-            qseq = [i for i, r in enumerate(rows) for _ in r[0]]
-            return PagedBatch(self.pool, as_t([write]), as_t([read]), as_t([kpos]), as_t([qpos]),
-                              as_t([qseq]), as_t([kseq]))
-        S, N = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
-        if any(len(r[0]) != S for r in rows):
+            lengths = as_t(ends)
+            keep = torch.arange(slots.shape[1], device=dev) < lengths.unsqueeze(1)  # (B, width * bs)
+            kpos = torch.arange(slots.shape[1], device=dev).expand_as(slots)[keep]
+            kseq = torch.arange(len(chunks), device=dev).unsqueeze(1).expand_as(slots)[keep]
+            qpos = as_t([p for st, e in zip(starts, ends) for p in range(st, e)])
+            qseq = as_t([i for i, w in enumerate(writes) for _ in w])
+            return PagedBatch(self.pool, as_t([[w for ws in writes for w in ws]]), slots[keep][None], kpos[None],
+                              qpos[None], qseq[None], kseq[None])
+        S, N = len(writes[0]), max(ends)
+        if any(len(w) != S for w in writes):
             raise ValueError(f"packed=False needs the same number of new tokens per sequence, got "
                              f"{[n for _, n in chunks]}")
         far = torch.iinfo(torch.long).max  # a key position after every query: masked by causality
-        read = [r[1] + [r[1][0]] * (N - len(r[1])) for r in rows]
-        kpos = [list(range(len(r[1]))) + [far] * (N - len(r[1])) for r in rows]
-        qpos = [list(range(r[2], len(r[1]))) for r in rows]
-        return PagedBatch(self.pool, as_t([r[0] for r in rows]), as_t(read), as_t(kpos), as_t(qpos))
+        kpos = torch.arange(N, device=dev).expand(len(chunks), N)
+        kpos = kpos.masked_fill(kpos >= as_t(ends).unsqueeze(1), far)  # (B, N): padding after the last key
+        qpos = as_t([list(range(st, e)) for st, e in zip(starts, ends)])
+        return PagedBatch(self.pool, as_t(writes), slots[:, :N], kpos, qpos)
 
 
 class PagedBatch:
