@@ -28,7 +28,6 @@ Not timed here yet: ``transformers``' continuous batching (the issue's compariso
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from typing import Dict, List
 

@@ -61,7 +61,6 @@ import math
 from typing import Callable, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from kv_cache.basic.compiled_static import FixedShapeKVCache
 from .sampling import SamplingSettings, process_logits

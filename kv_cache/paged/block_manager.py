@@ -9,8 +9,9 @@ which this module follows, splits the work in two:
   :class:`~kv_cache.paged.block_pool.BlockPool`, takes blocks from the free list only when a
   sequence crosses a block boundary, shares the full blocks of a prompt prefix it has seen
   before (:mod:`~kv_cache.paged.prefix_cache`), and gives everything back when a sequence ends
-  or is preempted.  It never evicts on its own: :meth:`BlockManager.can_append` tells the
-  engine's scheduler whether a step fits, and the scheduler preempts if it does not;
+  or is preempted.  It never evicts on its own: :meth:`BlockManager.blocks_needed` against
+  :attr:`BlockManager.num_free_blocks` tells the engine's scheduler whether a step fits, and the
+  scheduler preempts if it does not;
 * **once per layer, on the device** -- a :class:`PagedBatch` is the step as the model's forward
   pass sees it (the ``Cache`` questions): ``update`` writes the step's keys and values into
   their slots with one ``index_copy_`` and reads every key the step's queries may see with one
@@ -85,10 +86,6 @@ class BlockManager:
         shared = start // bs < len(seq.blocks) and self.pool.ref_counts[seq.blocks[start // bs]] > 1
         return max(0, last + 1 - len(seq.blocks)) + int(shared)
 
-    def can_append(self, needs: Dict[Hashable, int]) -> bool:
-        """Would writing ``needs[sid]`` more tokens of each sequence fit in the free blocks?"""
-        return sum(self.blocks_needed(sid, n) for sid, n in needs.items()) <= self.num_free_blocks
-
     # ------------------------------------------------------------------ life cycle
     def allocate(self, sid: Hashable, token_ids: Sequence[int]) -> int:
         """Start sequence ``sid`` whose known tokens are ``token_ids``; return how many of them
@@ -111,7 +108,7 @@ class BlockManager:
 
     def slots(self, sid: Hashable, n: int) -> List[int]:
         """Storage slots for the next ``n`` tokens of ``sid`` (``table[p // bs] * bs + p % bs``),
-        taking new blocks and copying a shared one first.  Check :meth:`can_append` before:
+        taking new blocks and copying a shared one first.  Check :meth:`blocks_needed` against :attr:`num_free_blocks` before:
         an exhausted pool raises :class:`~kv_cache.errors.PoolExhaustedError`."""
         seq, bs = self.seqs[sid], self.block_size
         start = seq.lengths[0]
@@ -178,8 +175,8 @@ class BlockManager:
         # Block tables as one (B, max blocks) tensor; the read slots follow by arithmetic on the
         # device (slot = table[p // bs] * bs + p % bs), not token by token on the host.
         width = max(-(-e // bs) for e in ends)
-        table = as_t([self.seqs[sid].blocks[:width] + [0] * (width - len(self.seqs[sid].blocks[:width]))
-                      for sid, _ in chunks])
+        tables = [self.seqs[sid].blocks[:width] for sid, _ in chunks]
+        table = as_t([t + [0] * (width - len(t)) for t in tables])  # (B, width); padding reads block 0, masked
         slots = (table.unsqueeze(-1) * bs + torch.arange(bs, device=dev)).flatten(1)  # (B, width * bs)
         if packed:
             lengths = as_t(ends)

@@ -30,7 +30,7 @@ from kv_cache.paged.block_pool import BlockPool
 
 from ..model import DecoderOnlyTransformer
 from ..sampling import process_logits
-from .request import Request, RequestOutput, SamplingParams, Status
+from .request import Request, RequestOutput, SamplingParams
 from .scheduler import Scheduler
 
 
@@ -101,7 +101,7 @@ class LLMEngine:
         rid = str(next(self._arrivals)) if request_id is None else str(request_id)
         if rid in self.requests:
             raise ValueError(f"request_id={rid!r} is already in the engine")
-        req = Request(rid, ids, params, arrival=len(self.requests))
+        req = Request(rid, ids, params)
         req.generator = params.settings.make_generator(self.pool.device)
         self.requests[rid] = req
         self.scheduler.add(req)

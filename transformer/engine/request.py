@@ -71,7 +71,6 @@ class Request:
     request_id: str
     prompt_ids: List[int]
     params: SamplingParams
-    arrival: int = 0  # order of arrival (first come, first served)
     output_ids: List[int] = field(default_factory=list)
     num_computed: int = 0
     status: Status = Status.WAITING

@@ -24,15 +24,12 @@ Start it with ``python generate.py --serve`` (the trained checkpoint) or
 
 import argparse
 import asyncio
-import itertools
 import json
 import queue
 import threading
 import time
 import uuid
 from typing import Any, Dict, List, Optional
-
-import torch
 
 from .engine import LLMEngine
 from .request import SamplingParams
