@@ -60,7 +60,18 @@ def summarize(name: str, wall: float, out_tokens: int, ttft: List[float], itl: L
 
 def run_continuous(model, reqs, args):
     engine = LLMEngine(model, num_blocks=args.num_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                       max_num_batched_tokens=args.max_num_batched_tokens)
+                       max_num_batched_tokens=args.max_num_batched_tokens, attention=args.attention,
+                       cuda_graph=False if args.no_cuda_graph else None)
+    t_warm = time.perf_counter()  # a server does this before it takes requests: compile and record graphs
+    if engine.runner.cuda_graph:
+        engine.runner.capture_all()
+    engine.generate([reqs[0][0][:8]], SamplingParams(max_tokens=2, ignore_eos=True))
+    warm = time.perf_counter() - t_warm
+    profiler = None
+    if args.profile:
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
     t0 = time.perf_counter()
     rids = [engine.add_request(p, SamplingParams(max_tokens=o, ignore_eos=True)) for p, o in reqs]
     times: Dict[str, List[float]] = {r: [] for r in rids}
@@ -71,11 +82,17 @@ def run_continuous(model, reqs, args):
             if o.new_token_ids:
                 times[o.request_id].append(now)
     wall = time.perf_counter() - t0
+    if profiler is not None:
+        import pstats
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     tokens = [engine.pop_finished(r).output_ids for r in rids]
     ttft = [ts[0] - t0 for ts in times.values()]
     itl = [b - a for ts in times.values() for a, b in zip(ts, ts[1:])]
-    row = summarize("continuous (LLMEngine)", wall, sum(o for _, o in reqs), ttft, itl)
-    row["preemptions"] = engine.scheduler.num_preemptions
+    runner = engine.runner
+    name = f"continuous (LLMEngine, {runner.attention}{', CUDA graphs' if runner.cuda_graph else ''})"
+    row = summarize(name, wall, sum(o for _, o in reqs), ttft, itl)
+    row["preemptions"], row["warm_up_s"], row["steps"] = engine.scheduler.num_preemptions, warm, engine.num_steps
     return row, tokens
 
 
@@ -132,6 +149,11 @@ def main(argv=None) -> None:
     p.add_argument("--block-size", type=int, default=16, help="engine block size [16]")
     p.add_argument("--max-num-seqs", type=int, default=32, help="engine: most requests per step [32]")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="engine: most tokens per step [512]")
+    p.add_argument("--attention", choices=("auto", "paged", "gather"), default="auto",
+                   help="engine decode attention [auto: paged on CUDA, gather on CPU]")
+    p.add_argument("--no-cuda-graph", action="store_true", help="engine: no CUDA graphs for decode steps")
+    p.add_argument("--profile", action="store_true", help="print a cProfile of the engine's loop (host time)")
+    p.add_argument("--no-static", action="store_true", help="skip static batching (then ratios are to the engine)")
     p.add_argument("--threads", type=int, default=None, help="torch threads [all cores]")
     p.add_argument("--no-one-at-a-time", action="store_true", help="skip the slowest mode")
     p.add_argument("--quick", action="store_true", help="8 short requests: a smoke test (numbers mean nothing)")
@@ -160,7 +182,8 @@ def main(argv=None) -> None:
     with torch.inference_mode():
         model.generate(torch.tensor([reqs[0][0]], device=args.device), 4, eos_token_id=None)  # warm-up
         for name, fn in (("continuous", lambda: run_continuous(model, reqs, args)),
-                         ("static", lambda: run_static(model, reqs, args.batch, args.static_compile)),
+                         ("static", None if args.no_static else
+                          lambda: run_static(model, reqs, args.batch, args.static_compile)),
                          ("one", None if args.no_one_at_a_time else lambda: run_one_at_a_time(model, reqs))):
             if fn is None:
                 continue
@@ -172,7 +195,7 @@ def main(argv=None) -> None:
     for row, name in zip(rows, outputs):
         row["same_tokens_as_one_at_a_time"] = None if ref is None else sum(
             a == b for a, b in zip(outputs[name], ref)) / len(ref)
-    base = next(r["tokens_per_s"] for r in rows if r["mode"].startswith("static"))
+    base = next(r["tokens_per_s"] for r in rows if r["mode"].startswith("static") or args.no_static)
     table = markdown_table(
         [[r["mode"], f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / base:.2f}", f"{r['ttft_p50_ms']:.0f}",
           f"{r['ttft_p99_ms']:.0f}", f"{r['itl_p50_ms']:.1f}", f"{r['itl_p99_ms']:.1f}",

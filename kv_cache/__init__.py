@@ -50,7 +50,7 @@ from .long_context import LinearKVCache, QuantizedKVCache, SinkKVCache, SlidingW
 # ``BlockManager`` / ``PagedBatch``     block tables of a serving engine; one packed step as a cache
 # ``CachePerformanceMonitor``           snapshots, trends and recommendations
 from .paged import (AdvancedKVCache, BlockManager, BlockPool, CacheConfig, CachePerformanceMonitor, EvictionPolicy,
-                    PagedBatch, PagedCacheView,
+                    PagedBatch, PagedBlocks, PagedCacheView,
                     block_hash, create_cache_config_for_speculative_decoding)
 
 # The reference documents' own APIs (kv_cache/reference/).
@@ -69,7 +69,7 @@ __all__ = [
     "LinearKVCache", "QuantizedKVCache", "SinkKVCache", "SlidingWindowKVCache", "dequantize", "quantize",
     # paged memory manager
     "AdvancedKVCache", "BlockManager", "BlockPool", "CacheConfig", "CachePerformanceMonitor", "EvictionPolicy",
-    "PagedBatch", "PagedCacheView",
+    "PagedBatch", "PagedBlocks", "PagedCacheView",
     "block_hash", "create_cache_config_for_speculative_decoding",
     # reference APIs
     "CachedAttentionMixin", "KVCache", "linear_kv_cache_attention",

@@ -144,4 +144,4 @@ def test_serving_benchmark_quick_compares_three_modes_with_the_same_tokens(tmp_p
     for r in rows:
         assert _positive(r["tokens_per_s"]) and _positive(r["ttft_p50_ms"])
         assert r["same_tokens_as_one_at_a_time"] == 1.0  # every request: the tokens of generate() alone
-    assert "| continuous (LLMEngine)" in capsys.readouterr().out
+    assert "| continuous (LLMEngine, gather)" in capsys.readouterr().out

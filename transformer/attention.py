@@ -26,6 +26,34 @@ from .config import ModelConfig
 from .layers import Linear, MaskPlan, apply_rotary
 
 
+_compiled_flex = None
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, enable_gqa: bool) -> torch.Tensor:
+    """FlexAttention of ``q`` ``(B, H, S, D)`` over ``k``/``v`` ``(B or 1, H_kv, n, D)`` under a
+    ``BlockMask``: its block-sparse kernel visits only the key blocks the mask lists (a paged
+    pool read in place).  On a GPU, or inside ``torch.compile``, that is the compiled kernel
+    (compiled once per shape); eager on a CPU it is PyTorch's reference implementation, which
+    scores every key of ``k`` and applies the mask's rule (exact, for tests, slow for big pools).
+    Returns ``(B, H, S, D)``."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        import warnings
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            return flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if torch.compiler.is_compiling():
+        return flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if _compiled_flex is None:
+        from .fast_decode import _allow_recompiles
+
+        _allow_recompiles()  # one graph per batch shape; past the default 8 dynamo would fall back to eager
+        _compiled_flex = torch.compile(flex, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
 def _to_bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
     """View a cache tensor in the ``(B, H, S, D)`` layout attention uses (no copy)."""
     return t if layout == "bhsd" else t.transpose(1, 2)
@@ -137,6 +165,10 @@ class Attention(nn.Module):
                     q = apply_rotary(q, _angles(cos, query_pos, -2), _angles(sin, query_pos, -2))  # q: (B, S, H, D)
         if isinstance(mask, MaskPlan):
             mask = mask.build(cache, layer_idx, q.dtype)  # additive, shared by the layers
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a BlockMask: a paged pool read in place
+            y = flex_attention(q.transpose(1, 2).contiguous(), k.to(q.dtype), v.to(q.dtype), block_mask=mask,
+                               enable_gqa=self.n_kv_heads != self.n_heads)
+            return self.resid_dropout(self.out_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)))
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads,

@@ -166,9 +166,7 @@ def attention_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
     """
     qp = _as_bhsn(query_positions.unsqueeze(-1))  # (B or 1, 1, S, 1)
     kp = _as_bhsn(key_positions.unsqueeze(-2))    # (B or 1, H or 1, 1, n)
-    allowed = kp <= qp
-    if window is not None:
-        allowed = allowed & (qp - kp < window)
+    allowed = _visible(qp, kp, window)
     if retention is not None:
         allowed = allowed & _as_bhsn(retention)
     if key_padding_mask is not None:
@@ -177,6 +175,66 @@ def attention_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
         pad_ok = key_padding_mask.bool().gather(1, rows.reshape(B, -1)).view(rows.shape)
         allowed = (allowed & _as_bhsn(pad_ok.unsqueeze(-2))) | (kp == qp)
     return allowed
+
+
+def _visible(qp: torch.Tensor, kp: torch.Tensor, window: Optional[int]) -> torch.Tensor:
+    """The rule itself, on broadcastable positions: causal, and inside the window if any."""
+    allowed = kp <= qp
+    return allowed if window is None else allowed & (qp - kp < window)
+
+
+_Q_BLOCK = 128  # FlexAttention's query block: its GPU decoding kernel needs a multiple of 16 (a 1 was refused)
+
+
+@torch.compiler.disable  # built eagerly, handed to a compiled model as inputs (see the note below)
+def paged_block_mask(query_positions: torch.Tensor, block_table: torch.Tensor, block_size: int,
+                     num_blocks: int, window: Optional[int] = None):
+    """:func:`attention_mask`'s rule as a FlexAttention ``BlockMask`` over a paged pool, for
+    attention that reads each row's blocks where they are.
+
+    The keys are the whole pool, ``num_blocks * block_size`` slots; row ``b`` reads pool blocks
+    ``block_table[b, :]`` (``(B, W)`` int32, ``-1`` after the row's last block), and its ``j``-th
+    block holds its positions ``j * block_size ..``.  The block table *is* the block-sparse
+    layout FlexAttention iterates over (``kv_indices``), so a row's attention touches only its
+    own blocks; the ``mask_mod`` then applies the same rule as :func:`attention_mask` to the
+    position each slot holds for that row (a slot of a block the row does not hold is never
+    visible, so the rule is complete without the sparsity too).
+
+    Args:
+        query_positions: ``(B, S)`` positions of the new tokens.
+        block_table, block_size, num_blocks: from the cache's ``key_blocks()``.
+        window: optional sliding window.
+
+    Cost: two ``(B, num_blocks)`` int32 tables built on the device (no host sync), so the
+    mask can be built inside a CUDA graph.  Never traced by ``torch.compile``: a ``mask_mod``
+    reading tensors computed inside the compiled graph gave wrong attention with torch 2.13's
+    CPU kernels (measured, ``tests/test_engine.py``); built eagerly, its tables reach the
+    compiled kernel as inputs, which is exact.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, W = block_table.shape
+    dev = block_table.device
+    held = block_table >= 0
+    cols = torch.arange(W, dtype=torch.int32, device=dev).expand(B, W)
+    # logical[b, p] = j if pool block p is row b's j-th block, else -1 (one extra column takes the padding)
+    logical = torch.full((B, num_blocks + 1), -1, dtype=torch.int32, device=dev)
+    logical.scatter_(1, torch.where(held, block_table, num_blocks).long(), cols)
+    S = query_positions.shape[-1]
+    n_q = -(-S // _Q_BLOCK)  # query blocks; each lists the same key blocks (its rule masks the rest)
+    kv_indices = torch.zeros(B, 1, 1, num_blocks, dtype=torch.int32, device=dev)
+    kv_indices[:, 0, 0, :W] = block_table.clamp(min=0)
+    kv_indices = kv_indices.expand(B, 1, n_q, num_blocks)
+    kv_num_blocks = held.sum(1, dtype=torch.int32).view(B, 1, 1).expand(B, 1, n_q)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        j = logical[b, kv_idx // block_size]
+        kp = j * block_size + kv_idx % block_size
+        return (j >= 0) & _visible(query_positions[b, q_idx], kp, window)
+
+    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=(_Q_BLOCK, block_size),
+                                    mask_mod=mask_mod, seq_lengths=(S, num_blocks * block_size),
+                                    compute_q_blocks=False)
 
 
 def _as_bhsn(t: torch.Tensor) -> torch.Tensor:
@@ -222,6 +280,10 @@ class MaskPlan:
         of a CUDA-graphed GPT-2 decode step)."""
         if not self.needed:
             return None
+        if hasattr(cache, "key_blocks"):  # attention reads a paged pool in place: a FlexAttention block mask
+            if self._last is None or self._last[0] is not cache:
+                self._last = cache, None, paged_block_mask(self.query_positions, *cache.key_blocks(), self.window)
+            return self._last[2]
         kp = self.query_positions if cache is None else cache.key_positions(layer_idx)
         if self._last is None or self._last[0] is not kp or self._last[1] != dtype:
             retention = None if cache is None else cache.retention_mask(self.query_positions, kp)

@@ -12,7 +12,7 @@
 """
 
 from .advanced import AdvancedKVCache
-from .block_manager import BlockManager, PagedBatch
+from .block_manager import BlockManager, PagedBatch, PagedBlocks
 from .block_pool import BlockPool
 from .config import CacheConfig, EvictionPolicy, create_cache_config_for_speculative_decoding
 from .monitor import CachePerformanceMonitor
@@ -20,5 +20,5 @@ from .prefix_cache import block_hash
 from .view import PagedCacheView
 
 __all__ = ["AdvancedKVCache", "BlockManager", "BlockPool", "CacheConfig", "CachePerformanceMonitor", "EvictionPolicy",
-           "PagedBatch",
+           "PagedBatch", "PagedBlocks",
            "PagedCacheView", "block_hash", "create_cache_config_for_speculative_decoding"]

@@ -157,16 +157,24 @@ class BlockManager:
             assert len(s.blocks) * self.block_size >= s.lengths[0], f"{sid!r} holds fewer slots than tokens"
 
     # ------------------------------------------------------------------ one step
-    def batch(self, chunks: Sequence[Tuple[Hashable, int]], packed: bool = True) -> "PagedBatch":
+    def batch(self, chunks: Sequence[Tuple[Hashable, int]], packed: bool = True,
+              in_place: bool = False):
         """The step for ``chunks`` = ``[(sid, n_new), ...]`` as the cache a model's forward uses.
 
         Takes the blocks the new tokens need.  ``packed=True``: all new tokens in one row
         ``(1, S)`` and all the sequences' keys one after another (prompt chunks: no padding of
         queries).  ``packed=False``: one row per sequence, ``(B, max n_new)`` queries and ``(B,
         longest history)`` keys, shorter rows padded with keys at a position no query reaches
-        (decode steps: attention reads ``B x L`` keys, not ``B x B x L``).  Call :meth:`commit`
-        for each chunk after the forward.  Cost: O(keys read) host work for a few index tensors.
+        (decode steps: attention reads ``B x L`` keys, not ``B x B x L``).  ``in_place=True``
+        (with ``packed=False``): a :class:`PagedBlocks` step instead, whose attention reads the
+        blocks where they are (no gather; a paged-attention kernel, FlexAttention).  Call
+        :meth:`commit` for each chunk after the forward.  Cost: O(keys read) host work for a few
+        index tensors (``in_place``: O(blocks)).
         """
+        if in_place:
+            if packed:
+                raise ValueError("in_place=True reads each row's own blocks; it needs packed=False")
+            return self.blocks_step(chunks)
         bs, dev = self.block_size, self.pool.device
         as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
         starts = [self.length(sid) for sid, _ in chunks]
@@ -196,6 +204,34 @@ class BlockManager:
         kpos = kpos.masked_fill(kpos >= as_t(ends).unsqueeze(1), far)  # (B, N): padding after the last key
         qpos = as_t([list(range(st, e)) for st, e in zip(starts, ends)])
         return PagedBatch(self.pool, as_t(writes), slots[:, :N], kpos, qpos)
+
+
+    def blocks_step(self, chunks: Sequence[Tuple[Hashable, int]], width: Optional[int] = None) -> "PagedBlocks":
+        """The step for ``chunks`` (``n_new`` equal for all rows) as a :class:`PagedBlocks`:
+        attention reads each row's blocks in place.  ``width``: columns of the block table
+        (default: the longest row's blocks; a fixed width keeps shapes fixed for CUDA graphs).
+        Takes the blocks the new tokens need.  Cost: O(blocks) host work, four small tensors."""
+        dev = self.pool.device
+        starts, writes, tables = self.plan(chunks, width)
+        if any(len(w) != len(writes[0]) for w in writes):
+            raise ValueError(f"a PagedBlocks step needs the same number of new tokens per sequence, got "
+                             f"{[n for _, n in chunks]}")
+        table = torch.tensor(tables, dtype=torch.int32, device=dev)
+        qpos = torch.tensor([list(range(st, st + len(w))) for st, w in zip(starts, writes)], device=dev)
+        return PagedBlocks(self.pool, torch.tensor(writes, device=dev), table, qpos)
+
+    def plan(self, chunks: Sequence[Tuple[Hashable, int]], width: Optional[int] = None):
+        """Host lists for a step: ``(starts, write_slots, block_tables)``, each row's first new
+        position, the slots of its new tokens, and its block table padded with ``-1`` to
+        ``width`` columns (default: the longest).  Takes the blocks the new tokens need; a
+        runner that keeps its own device buffers (CUDA graphs) copies these into them."""
+        starts = [self.length(sid) for sid, _ in chunks]
+        writes = [self.slots(sid, n) for sid, n in chunks]
+        tables = [self.seqs[sid].blocks for sid, _ in chunks]
+        width = max(len(t) for t in tables) if width is None else width
+        if any(len(t) > width for t in tables):
+            raise ValueError(f"width={width} is narrower than a block table of {max(len(t) for t in tables)} blocks")
+        return starts, writes, [t + [-1] * (width - len(t)) for t in tables]
 
 
 class PagedBatch:
@@ -260,4 +296,73 @@ class PagedBatch:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         raise ValueError("a PagedBatch holds many sequences and has no single length; pass cache_position "
+                         "(its query_positions) to the model")
+
+
+class PagedBlocks:
+    """One engine step whose attention reads every row's blocks **where they are** (no gather).
+
+    Built by :meth:`BlockManager.blocks_step`.  ``B`` rows of ``S`` new tokens each:
+    ``write_slots`` ``(B, S)`` where the new tokens go, ``block_table`` ``(B, W)`` int32 the
+    pool blocks each row reads, in order (``-1`` after its last block), ``query_positions``
+    ``(B, S)``.  Block ``block_table[b, j]`` holds row ``b``'s positions ``j * bs .. j * bs +
+    bs - 1``: that is the whole answer to "which position does each key hold", so nothing per
+    key is stored or copied.
+
+    * ``update(key, value, layer_idx, cache_position)`` takes ``(B, S, H_kv, D)``, writes it at
+      ``write_slots`` and returns the layer's *whole pool* as ``(1, slots, H_kv, D)`` views
+      (keys, values): no copy.  Attention must then read only each row's blocks, which the
+      model's mask builder arranges from :meth:`key_blocks` (a FlexAttention block mask whose
+      block-sparse rows *are* the block tables);
+    * ``key_blocks()`` returns ``(block_table, block_size, num_pool_blocks)``;
+    * ``key_positions(layer)`` is ``None``: positions follow from the table, per row.
+
+    The same keys the gathering :class:`PagedBatch` would hand over, read in place: cost per
+    layer one write of ``B * S`` tokens, and attention touches only the rows' own blocks.
+    """
+
+    is_lossless = True
+    positions_in_cache = False
+    layout = "bshd"
+
+    def __init__(self, pool: BlockPool, write_slots: Tensor, block_table: Tensor, query_positions: Tensor):
+        self.pool, self.write_slots, self.block_table = pool, write_slots, block_table
+        self.query_positions = query_positions
+
+    def update(self, key: Tensor, value: Tensor, layer_idx: int,
+               cache_position: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Write the step's ``(B, S, H_kv, D)`` keys/values; return the pool's ``(1, slots, H_kv, D)`` each."""
+        if key.shape[:2] != self.write_slots.shape:
+            raise ValueError(f"this PagedBlocks step takes keys of shape {tuple(self.write_slots.shape)} + (H_kv, D), "
+                             f"got {tuple(key.shape)}")
+        slots = self.write_slots.flatten()
+        # index_copy_ returns the written storage: reading *that* keeps the write before the read
+        # under torch.compile too (a fresh view of the pool can be read before the write lands)
+        k = self.pool.slot_view(0, layer_idx).index_copy_(0, slots, key.flatten(0, 1))
+        v = self.pool.slot_view(1, layer_idx).index_copy_(0, slots, value.flatten(0, 1))
+        return k[None], v[None]
+
+    def key_blocks(self) -> Tuple[Tensor, int, int]:
+        """``(block_table (B, W) int32, block_size, blocks in the pool)``: what each row reads."""
+        return self.block_table, self.pool.block_size, self.pool.capacity
+
+    def key_positions(self, layer_idx: int, in_cache: bool = False) -> None:
+        """``None``: each key's position follows from :meth:`key_blocks` (block ``j`` of a row
+        holds positions ``j * bs ..``)."""
+        return None
+
+    def retention_mask(self, query_positions: Tensor, key_positions) -> None:
+        """``None``: a row reads only its own blocks (the block table says which)."""
+        return None
+
+    def rotary_positions(self, layer_idx: int) -> None:
+        """``None``: keys are rotated at their position before :meth:`update`."""
+        return None
+
+    def get_max_cache_shape(self) -> int:
+        """Slots in the pool (the key axis attention is given)."""
+        return self.pool.capacity * self.pool.block_size
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        raise ValueError("a PagedBlocks step holds many sequences and has no single length; pass cache_position "
                          "(its query_positions) to the model")

@@ -31,6 +31,7 @@ from kv_cache.paged.block_pool import BlockPool
 from ..model import DecoderOnlyTransformer
 from ..sampling import process_logits
 from .request import Request, RequestOutput, SamplingParams
+from .runner import ModelRunner
 from .scheduler import Scheduler
 
 
@@ -48,15 +49,20 @@ class LLMEngine:
         enable_prefix_caching: share the KV blocks of prompt prefixes seen before.
         eos_token_id: stops every request unless it sets its own ``stop_token_ids``
             (default: the model config's ``eos_token_id``).
+        attention: how decode steps read the history: ``"auto"`` (``"paged"`` on CUDA,
+            ``"gather"`` on CPU), ``"paged"`` (FlexAttention over the blocks in place) or
+            ``"gather"`` (copy each row's history, then SDPA); see :mod:`.runner`.
+        cuda_graph: replay decode steps as CUDA graphs (default: on with ``"paged"`` on CUDA;
+            holds one block of the pool for padding rows).
 
     Use: :meth:`add_request` then :meth:`step` until :meth:`has_unfinished` is False, or
     :meth:`generate` for a list of prompts.  Cost per step: one forward over the step's tokens
-    plus a gather of every running request's history per layer.
+    (``"gather"``: plus a copy of every running request's history per layer).
     """
 
     def __init__(self, model, *, num_blocks: int = 256, block_size: int = 16, max_num_seqs: int = 32,
                  max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
-                 eos_token_id: Optional[int] = None):
+                 eos_token_id: Optional[int] = None, attention: str = "auto", cuda_graph: Optional[bool] = None):
         cfg = getattr(model, "config", None)
         if not isinstance(model, DecoderOnlyTransformer):
             raise ValueError("LLMEngine serves decoder-only models (DecoderOnlyTransformer); got "
@@ -72,6 +78,8 @@ class LLMEngine:
                               preallocate=True)
         self.blocks = BlockManager(self.pool, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.blocks, attention=attention, cuda_graph=cuda_graph,
+                                  max_num_seqs=max_num_seqs)
         self.eos_token_id = cfg.eos_token_id if eos_token_id is None else eos_token_id
         self.requests: Dict[str, Request] = {}
         self._arrivals = itertools.count()
@@ -136,10 +144,10 @@ class LLMEngine:
         # Two calls of the model's forward: decode tokens as a (B, 1) batch (each row reads only
         # its own keys), prompt chunks packed into one (1, S) row (no padded queries).
         logits = [None] * len(chunks)
-        for packed in (False, True):
+        for packed, run in ((False, self.runner.decode), (True, self.runner.prefill)):
             group = [i for i, (r, n) in enumerate(chunks) if (n > 1) == packed]
             if group:
-                for i, row in zip(group, self._forward([chunks[i] for i in group], packed)):
+                for i, row in zip(group, run([chunks[i] for i in group])):
                     logits[i] = row
         logits = torch.stack(logits)  # (len(chunks), V)
         greedy = logits.argmax(-1).tolist()  # one device read for every greedy request
@@ -163,20 +171,6 @@ class LLMEngine:
                 self.scheduler.finish(r, reason)
             outputs.append(RequestOutput(r.request_id, [token], reason is not None, reason))
         return outputs
-
-    def _forward(self, chunks, packed: bool) -> torch.Tensor:
-        """Logits ``(len(chunks), V)`` at the last new token of each chunk, one forward pass."""
-        batch = self.blocks.batch([(r.request_id, n) for r, n in chunks], packed=packed)
-        dev = self.pool.device
-        if packed:
-            ids, last = [], []
-            for r, n in chunks:
-                ids += r.all_ids[r.num_computed:r.num_computed + n]
-                last.append(len(ids) - 1)
-            return self.model(torch.tensor([ids], device=dev), cache=batch, cache_position=batch.query_positions,
-                              num_logits_to_keep=torch.tensor(last, device=dev))[0]  # (len(chunks), V)
-        ids = torch.tensor([[r.all_ids[r.num_computed]] for r, _ in chunks], device=dev)  # (B, 1)
-        return self.model(ids, cache=batch, cache_position=batch.query_positions)[:, -1]  # (B, V)
 
     def _sample(self, req: Request, logits: torch.Tensor) -> int:
         """A sampled next token of ``req`` from its ``(V,)`` logits, with its own settings and stream."""
@@ -207,7 +201,7 @@ class LLMEngine:
     def check_invariants(self) -> None:
         """Assert the pool's books balance and every running request holds its tokens (tests)."""
         self.blocks.check_invariants()
-        running = {r.request_id for r in self.scheduler.running}
+        running = {r.request_id for r in self.scheduler.running} | set(self.runner.held_sequences())
         assert running == set(self.blocks.seqs), "block tables and running requests disagree"
         for r in self.scheduler.running:
             assert self.blocks.length(r.request_id) == r.num_computed

@@ -1,0 +1,168 @@
+"""``ModelRunner``: how the engine's steps reach the model (nano-vllm's model runner).
+
+The scheduler says *who* runs; the runner turns that into calls of the model's one forward
+pass and owns everything about running it fast, none of the maths:
+
+* **prompt chunks** (prefill): packed into one ``(1, S)`` row over a gathering
+  :class:`~kv_cache.paged.block_manager.PagedBatch` (a block-diagonal causal mask, no padded
+  queries).  A chunk's keys are copied once per step, which is small next to its matrix work;
+* **decode tokens**: a ``(B, 1)`` batch.  Two ways to read the history, chosen by
+  ``attention``:
+
+  - ``"gather"``: each layer copies every row's history into a padded ``(B, N)`` batch
+    (``index_select``) and runs ``scaled_dot_product_attention``.  On a CPU this is the fastest
+    correct path measured here (``docs/serving.md``);
+  - ``"paged"``: a :class:`~kv_cache.paged.block_manager.PagedBlocks` step; the model builds a
+    FlexAttention block mask whose sparse rows *are* the block tables, so attention reads each
+    row's blocks where they are in the pool (no copy of the history).  On a GPU this is what
+    serving needs: decode is bound by reading the keys, and a gather reads them twice and
+    writes them once more;
+
+* **CUDA graphs** (``cuda_graph``, with ``"paged"`` on a GPU): a decode step of ``B`` rows
+  replays a graph recorded for the smallest bucket ``>= B`` (1, 2, 4, 8, ...).  The inputs
+  live in fixed buffers the graph reads (token ids, positions, write slots, block tables);
+  rows past ``B`` are padding that write to a block the runner holds for them and attend to
+  it alone.  A step is then one graph launch instead of ~15 kernel launches per layer.
+
+Cost of a decode step on the host: O(rows + their blocks) Python work to fill the buffers.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from kv_cache.paged.block_manager import BlockManager, PagedBlocks
+
+PAD_SEQ = "<cuda-graph padding>"  # the block manager's name for the runner's padding block
+
+
+class ModelRunner:
+    """Run prompt chunks and decode batches of the engine through the model.
+
+    Args:
+        model: the decoder-only model (its device and dtype are the pool's).
+        blocks: the engine's :class:`~kv_cache.paged.block_manager.BlockManager`.
+        attention: ``"auto"`` (``"paged"`` on CUDA, ``"gather"`` on CPU), ``"paged"`` or ``"gather"``.
+        cuda_graph: replay decode steps as CUDA graphs (default: on for ``"paged"`` on CUDA).
+        max_num_seqs: largest decode batch (the largest graph bucket).
+    """
+
+    def __init__(self, model, blocks: BlockManager, *, attention: str = "auto", cuda_graph: Optional[bool] = None,
+                 max_num_seqs: int = 32):
+        dev = blocks.pool.device
+        if attention not in ("auto", "paged", "gather"):
+            raise ValueError(f"attention must be 'auto', 'paged' or 'gather', got {attention!r}")
+        small_heads = model.config.head_dim < 16  # FlexAttention's GPU kernels need head_dim >= 16
+        if attention == "auto":
+            attention = "paged" if dev.type == "cuda" and not small_heads else "gather"
+        if attention == "paged" and dev.type == "cuda" and small_heads:
+            raise ValueError(f"attention='paged' on CUDA needs head_dim >= 16 (FlexAttention's kernels), this model "
+                             f"has head_dim={model.config.head_dim}; use attention='gather'")
+        if cuda_graph is None:
+            cuda_graph = dev.type == "cuda" and attention == "paged"
+        if cuda_graph and (dev.type != "cuda" or attention != "paged"):
+            raise ValueError(f"cuda_graph=True needs attention='paged' on a CUDA device; got attention={attention!r} "
+                             f"on {dev}")
+        self.model, self.blocks, self.attention, self.cuda_graph = model, blocks, attention, cuda_graph
+        self.device = dev
+        self.graphs: Dict[int, Tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if cuda_graph:
+            self._init_graph_buffers(max_num_seqs)
+
+    # ------------------------------------------------------------------ prefill
+    def prefill(self, chunks: Sequence[Tuple[object, int]]) -> torch.Tensor:
+        """Logits ``(len(chunks), V)`` at the last new token of each prompt chunk, one forward."""
+        batch = self.blocks.batch([(r.request_id, n) for r, n in chunks], packed=True)
+        ids, last = [], []
+        for r, n in chunks:
+            ids += r.all_ids[r.num_computed:r.num_computed + n]
+            last.append(len(ids) - 1)
+        dev = self.device
+        return self.model(torch.tensor([ids], device=dev), cache=batch, cache_position=batch.query_positions,
+                          num_logits_to_keep=torch.tensor(last, device=dev))[0]  # (len(chunks), V)
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, chunks: Sequence[Tuple[object, int]]) -> torch.Tensor:
+        """Logits ``(len(chunks), V)`` of one new token per request."""
+        if self.cuda_graph and len(chunks) <= self.buckets[-1]:
+            return self._replay(chunks)
+        sids = [(r.request_id, 1) for r, _ in chunks]
+        batch = self.blocks.batch(sids, packed=False, in_place=self.attention == "paged")
+        ids = torch.tensor([[r.all_ids[r.num_computed]] for r, _ in chunks], device=self.device)  # (B, 1)
+        return self.model(ids, cache=batch, cache_position=batch.query_positions)[:, -1]  # (B, V)
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _init_graph_buffers(self, max_num_seqs: int) -> None:
+        """Fixed input buffers for every bucket (a graph reads their addresses), and one block
+        held for padding rows to write to."""
+        bs, cfg = self.blocks.block_size, self.model.config
+        self.buckets = [1 << i for i in range((max_num_seqs - 1).bit_length())] + [max_num_seqs]
+        self.buckets = sorted(set(b for b in self.buckets if b <= max_num_seqs))
+        self.width = -(-cfg.max_seq_len // bs)  # block-table columns: the longest sequence's blocks
+        self.blocks.allocate(PAD_SEQ, [])
+        self.pad_slot = self.blocks.slots(PAD_SEQ, 1)[0]
+        B, dev = self.buckets[-1], self.device
+        self.ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.write = torch.full((B, 1), self.pad_slot, dtype=torch.long, device=dev)
+        self.table = torch.full((B, self.width), -1, dtype=torch.int32, device=dev)
+        self.table[:, 0] = self.pad_slot // bs
+        self._pool = None
+
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def _stage(self, chunks: Sequence[Tuple[object, int]], Bp: int) -> None:
+        """Fill the first ``Bp`` rows of the graph's buffers: the ``B`` requests, then padding."""
+        starts, writes, tables = self.blocks.plan([(r.request_id, 1) for r, _ in chunks], self.width)
+        pad = Bp - len(chunks)
+        pad_row = [self.pad_slot // self.blocks.block_size] + [-1] * (self.width - 1)
+        host = lambda rows, dtype: torch.tensor(rows, dtype=dtype).pin_memory()  # noqa: E731
+        self.ids[:Bp].copy_(host([[r.all_ids[r.num_computed]] for r, _ in chunks] + [[0]] * pad, torch.long),
+                            non_blocking=True)
+        self.pos[:Bp].copy_(host([[s] for s in starts] + [[0]] * pad, torch.long), non_blocking=True)
+        self.write[:Bp].copy_(host(writes + [[self.pad_slot]] * pad, torch.long), non_blocking=True)
+        self.table[:Bp].copy_(host(tables + [pad_row] * pad, torch.int32), non_blocking=True)
+
+    def _body(self, Bp: int) -> torch.Tensor:
+        """The decode step of ``Bp`` rows over the fixed buffers: the model's one forward."""
+        cache = PagedBlocks(self.blocks.pool, self.write[:Bp], self.table[:Bp], self.pos[:Bp])
+        return self.model(self.ids[:Bp], cache=cache, cache_position=self.pos[:Bp])[:, -1]  # (Bp, V)
+
+    def capture(self, Bp: int) -> None:
+        """Record the decode graph of bucket ``Bp`` (after warm-up runs that compile the
+        attention kernel for this shape).  Warm-up and capture write only the padding block."""
+        self._stage([], Bp)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):
+                self._body(Bp)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
+            out = self._body(Bp)
+        self.graphs[Bp] = graph, out
+
+    def capture_all(self) -> None:
+        """Record every bucket's graph now (a server does this before taking requests)."""
+        for Bp in self.buckets:
+            if Bp not in self.graphs:
+                self.capture(Bp)
+
+    def _replay(self, chunks: Sequence[Tuple[object, int]]) -> torch.Tensor:
+        Bp = self._bucket(len(chunks))
+        if Bp not in self.graphs:
+            self.capture(Bp)
+        self._stage(chunks, Bp)
+        graph, out = self.graphs[Bp]
+        graph.replay()
+        return out[:len(chunks)]
+
+    def held_sequences(self) -> List[str]:
+        """Block-manager sequences the runner itself holds (the padding block), not requests."""
+        return [PAD_SEQ] if self.cuda_graph else []
