@@ -21,8 +21,11 @@ the manager ``generate_batch`` is built on, with the same steps it takes::
 moment our engine's loop stamps its tokens, so TTFT and ITL compare like with like.
 
 Costs.  One Python thread and one queue hop per finished request on top of the forwards; warm-up
-(cache allocation, CUDA graph capture on GPU) is reported as ``warm_up_s``, not timed.  The cache is
-sized from free device memory unless ``num_blocks`` / ``max_batch_tokens`` are given.
+(cache allocation, a dummy forward at the largest batch, CUDA graph capture on GPU) is reported as
+``warm_up_s``, not timed.  The cache is sized from free device memory unless ``num_blocks`` /
+``max_batch_tokens`` are given -- give them: auto-sized on a CPU, warm-up alone takes tens of seconds.
+The loop runs in the caller's inference mode where ``transformers`` lets it (5.24), under ``no_grad``
+otherwise (5.17, whose loop thread cannot write a cache made in inference mode).
 
     from benchmarks.hf_continuous_batching import build_gpt2_pair, run_transformers_cb
     ours, hf = build_gpt2_pair(dict(n_layer=12, n_embd=768, n_head=12), "cuda", torch.bfloat16)
@@ -128,7 +131,8 @@ def run_transformers_cb(hf_model, reqs: Sequence[Request], *, max_batch_tokens: 
         ``row``: :func:`benchmarks.serving_benchmark.summarize`'s dict (wall time from the first
         ``add_request`` to the last finished result, output tokens/s, TTFT and ITL p50/p99) plus
         ``warm_up_s``, ``attn_implementation``, the resolved ``num_blocks`` / ``max_batch_tokens`` /
-        ``block_size`` / ``use_cuda_graph``, ``transformers_version`` and ``requests_without_full_timestamps``.
+        ``block_size`` / ``use_cuda_graph``, ``transformers_version``, ``inference_mode`` (the loop's) and
+        ``requests_without_full_timestamps``.
         ``tokens[i]``: the generated ids of request ``i`` (``max_new_tokens`` of them).
 
     TTFT and ITL come from per-token stamps the generation thread takes (``record_timestamps``), not from
@@ -149,7 +153,7 @@ def run_transformers_cb(hf_model, reqs: Sequence[Request], *, max_batch_tokens: 
         raise ValueError("reqs is empty; expected [(prompt_ids, max_new_tokens), ...]")
     if not hasattr(hf_model, "init_continuous_batching"):
         raise RuntimeError(f"transformers {transformers.__version__}: {type(hf_model).__name__} has no "
-                           f"init_continuous_batching; continuous batching needs transformers >= 5.17")
+                           f"init_continuous_batching; this module was written against transformers 5.17-5.24")
     fields = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
     page_key = "page_size" if "page_size" in fields else "block_size"
     options = dict(cb_options)

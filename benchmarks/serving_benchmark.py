@@ -21,8 +21,8 @@ compared with one-at-a-time ``generate()``.
     python -m benchmarks.serving_benchmark --gpt2-shape --device cuda --dtype bfloat16 \
         --requests 256 --min-len 100 --max-len 1024 --batch 64 --static-compile --no-one-at-a-time
 
-Not timed here yet: ``transformers``' continuous batching (the issue's comparison).  See
-``docs/serving.md``.
+With ``--transformers`` (and ``--gpt2-shape``), ``transformers``' own continuous batching runs the
+same workload on the same weights (:mod:`benchmarks.hf_continuous_batching`).  See ``docs/serving.md``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import torch
 
 from benchmarks.common import format_machine, machine_description, markdown_table, set_threads, write_results
 from transformer import DecoderOnlyTransformer, ModelConfig
+from benchmarks.hf_continuous_batching import build_gpt2_pair, run_transformers_cb
 from transformer.engine import LLMEngine, SamplingParams
 
 DEFAULT_OUT = "benchmarks/results/serving_cpu.json"
@@ -152,6 +153,8 @@ def main(argv=None) -> None:
     p.add_argument("--attention", choices=("auto", "paged", "gather"), default="auto",
                    help="engine decode attention [auto: paged on CUDA, gather on CPU]")
     p.add_argument("--no-cuda-graph", action="store_true", help="engine: no CUDA graphs for decode steps")
+    p.add_argument("--transformers", action="store_true",
+                   help="also time transformers' continuous batching on the same weights (needs --gpt2-shape)")
     p.add_argument("--profile", action="store_true", help="print a cProfile of the engine's loop (host time)")
     p.add_argument("--no-static", action="store_true", help="skip static batching (then ratios are to the engine)")
     p.add_argument("--threads", type=int, default=None, help="torch threads [all cores]")
@@ -160,6 +163,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help=f"JSON to write [{DEFAULT_OUT}; --quick: none]")
     args = p.parse_args(argv)
+    if args.transformers and not args.gpt2_shape:
+        p.error("--transformers needs --gpt2-shape (a model both libraries load with the same weights)")
     if args.quick:
         args.requests, args.min_len, args.max_len, args.batch = 8, 4, 12, 4
     set_threads(args.threads)
@@ -170,9 +175,10 @@ def main(argv=None) -> None:
         if args.quick:
             model = DecoderOnlyTransformer(ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4,
                                                        max_seq_len=64)).eval()
-    elif args.gpt2_shape:
-        model = DecoderOnlyTransformer(ModelConfig(vocab_size=50257, d_model=768, n_layers=12, n_heads=12,
-                                                   max_seq_len=2048)).eval()
+    elif args.gpt2_shape:  # built with transformers and loaded here: both libraries hold the same weights
+        shape = (dict(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=64, initializer_range=0.3)
+                 if args.quick else dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=2048))
+        model, hf_model = build_gpt2_pair(shape, args.device, getattr(torch, args.dtype), seed=args.seed)
     else:
         from transformer.checkpoint import load_model
         model = load_model(args.checkpoint)[0]
@@ -184,6 +190,9 @@ def main(argv=None) -> None:
         for name, fn in (("continuous", lambda: run_continuous(model, reqs, args)),
                          ("static", None if args.no_static else
                           lambda: run_static(model, reqs, args.batch, args.static_compile)),
+                         ("transformers", None if not args.transformers else lambda: run_transformers_cb(
+                             hf_model, reqs, num_blocks=args.num_blocks, block_size=args.block_size,
+                             max_batch_tokens=args.max_num_batched_tokens, max_requests_per_batch=args.max_num_seqs)),
                          ("one", None if args.no_one_at_a_time else lambda: run_one_at_a_time(model, reqs))):
             if fn is None:
                 continue

@@ -145,3 +145,14 @@ def test_serving_benchmark_quick_compares_three_modes_with_the_same_tokens(tmp_p
         assert _positive(r["tokens_per_s"]) and _positive(r["ttft_p50_ms"])
         assert r["same_tokens_as_one_at_a_time"] == 1.0  # every request: the tokens of generate() alone
     assert "| continuous (LLMEngine, gather)" in capsys.readouterr().out
+
+
+def test_serving_benchmark_times_transformers_continuous_batching_on_the_same_weights(tmp_path):
+    from benchmarks import serving_benchmark
+    out = tmp_path / "serving_hf.json"
+    serving_benchmark.main(["--gpt2-shape", "--quick", "--transformers", "--out", str(out)])
+    rows = {r["mode"].split()[0]: r for r in json.loads(out.read_text())["results"]["rows"]}
+    assert set(rows) == {"continuous", "static", "transformers", "one"}
+    # a GPT-2 built and saved by transformers, loaded here: both libraries give generate()'s tokens
+    assert all(r["same_tokens_as_one_at_a_time"] == 1.0 for r in rows.values())
+    assert _positive(rows["transformers"]["tokens_per_s"])

@@ -277,3 +277,28 @@ def test_compiled_model_reads_blocks_in_place_exactly():
     want = _decode_steps(model, PROMPTS, 3, in_place=False)
     compiled = torch.compile(lambda ids, cache: model(ids, cache=cache, cache_position=cache.query_positions))
     assert torch.allclose(_decode_steps(model, PROMPTS, 3, in_place=True, forward=compiled), want, atol=1e-5)
+
+
+def test_a_packed_step_describes_its_mask_for_a_varlen_kernel_too():
+    """A packed prompt step on a GPU goes to a variable-length attention kernel, which takes the
+    mask as cumulative counts (causal aligned bottom-right).  Expanded, that is exactly the mask
+    the one mask builder makes from the step's positions and sequences."""
+    from transformer.layers import MaskPlan
+
+    pool = BlockPool(num_layers=1, num_kv_heads=1, head_dim=4, block_size=4, max_blocks=16, preallocate=True)
+    bm = BlockManager(pool)
+    bm.allocate("a", list(range(10)))
+    bm.slots("a", 6)
+    bm.commit("a", 6, [])  # 6 tokens already in the pool: its chunk is the next 4, reading 10 keys
+    bm.allocate("b", [1, 2, 3])
+    bm.allocate("c", [4, 5, 6, 7, 8])
+    step = bm.batch([("a", 4), ("b", 3), ("c", 5)], packed=True)
+    cu_q, cu_k, max_q, max_k = step.varlen()
+    assert cu_q.tolist() == [0, 4, 7, 12] and cu_k.tolist() == [0, 10, 13, 18] and (max_q, max_k) == (5, 10)
+    dense = MaskPlan(step.query_positions, None, None, needed=True).build(step, 0)[0, 0]  # (12, 18) booleans
+    want = torch.zeros(12, 18, dtype=torch.bool)
+    for i in range(3):
+        nq, nk = int(cu_q[i + 1] - cu_q[i]), int(cu_k[i + 1] - cu_k[i])
+        for j in range(nq):  # query j of sequence i sees its first nk - nq + j + 1 keys
+            want[cu_q[i] + j, cu_k[i]:cu_k[i] + nk - nq + j + 1] = True
+    assert torch.equal(dense, want)

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .layers import Linear, MaskPlan, apply_rotary
+from .layers import Linear, MaskPlan, VarlenMask, apply_rotary
 
 
 _compiled_flex = None
@@ -52,6 +52,26 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask
         _allow_recompiles()  # one graph per batch shape; past the default 8 dynamo would fall back to eager
         _compiled_flex = torch.compile(flex, dynamic=False)
     return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: VarlenMask,
+                     enable_gqa: bool) -> torch.Tensor:
+    """Causal attention of packed sequences with PyTorch's variable-length (FlashAttention)
+    kernel: ``q`` ``(T, H, D)``, ``k``/``v`` ``(N, H_kv, D)`` one sequence after another as
+    ``mask`` says; returns ``(T, H, D)``.  Cost: only the diagonal blocks (each sequence with
+    itself), against ``T x N`` for a dense mask."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters  # the causal keyword changed between PyTorch releases
+    kw = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if enable_gqa and k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    return varlen_attn(q, k, v, mask.cu_seq_q, mask.cu_seq_k, mask.max_q, mask.max_k, **kw)
 
 
 def _to_bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -165,6 +185,10 @@ class Attention(nn.Module):
                     q = apply_rotary(q, _angles(cos, query_pos, -2), _angles(sin, query_pos, -2))  # q: (B, S, H, D)
         if isinstance(mask, MaskPlan):
             mask = mask.build(cache, layer_idx, q.dtype)  # additive, shared by the layers
+        if isinstance(mask, VarlenMask):  # packed sequences on a GPU: (1, T) queries over (1, N) keys
+            y = varlen_attention(q[0], k.transpose(1, 2)[0].to(q.dtype), v.transpose(1, 2)[0].to(q.dtype), mask,
+                                 enable_gqa=self.n_kv_heads != self.n_heads)  # (T, H, D)
+            return self.resid_dropout(self.out_proj(y.reshape(B, S, self.n_heads * self.head_dim)))
         if mask is not None and not isinstance(mask, torch.Tensor):  # a BlockMask: a paged pool read in place
             y = flex_attention(q.transpose(1, 2).contiguous(), k.to(q.dtype), v.to(q.dtype), block_mask=mask,
                                enable_gqa=self.n_kv_heads != self.n_heads)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -183,6 +183,32 @@ def _visible(qp: torch.Tensor, kp: torch.Tensor, window: Optional[int]) -> torch
     return allowed if window is None else allowed & (qp - kp < window)
 
 
+class VarlenMask(NamedTuple):
+    """The block-diagonal causal mask of sequences packed one after another, in the compressed
+    form variable-length attention kernels take (FlashAttention's ``cu_seqlens``).
+
+    ``cu_seq_q``/``cu_seq_k``: ``(n_seq + 1,)`` int32 cumulative query and key counts;
+    ``max_q``/``max_k``: the longest of each (host ints).  Sequence ``i``'s queries are the last
+    of its keys, and query ``j`` of it sees its keys up to its own position: exactly
+    :func:`attention_mask` over the same positions with a same-sequence retention mask, without
+    the ``S x N`` booleans, and the kernel skips every block outside the diagonal.
+    """
+
+    cu_seq_q: torch.Tensor
+    cu_seq_k: torch.Tensor
+    max_q: int
+    max_k: int
+
+
+def varlen_available(device: torch.device) -> bool:
+    """Can attention run :class:`VarlenMask` steps here: a CUDA device and a PyTorch with
+    ``torch.nn.attention.varlen`` (FlashAttention's variable-length kernel, float16 and
+    bfloat16 only: the mask builder asks for it only for those dtypes)."""
+    import importlib.util
+
+    return device.type == "cuda" and importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
 _Q_BLOCK = 128  # FlexAttention's query block: its GPU decoding kernel needs a multiple of 16 (a 1 was refused)
 
 
@@ -280,6 +306,12 @@ class MaskPlan:
         of a CUDA-graphed GPT-2 decode step)."""
         if not self.needed:
             return None
+        varlen = getattr(cache, "varlen", None)
+        if (varlen is not None and self.window is None and self.key_padding_mask is None
+                and dtype in (torch.float16, torch.bfloat16) and varlen_available(self.query_positions.device)):
+            spec = varlen()  # packed sequences on a GPU: their mask in compressed form, for a varlen kernel
+            if spec is not None:
+                return VarlenMask(*spec)
         if hasattr(cache, "key_blocks"):  # attention reads a paged pool in place: a FlexAttention block mask
             if self._last is None or self._last[0] is not cache:
                 self._last = cache, None, paged_block_mask(self.query_positions, *cache.key_blocks(), self.window)

@@ -193,8 +193,10 @@ class BlockManager:
             kseq = torch.arange(len(chunks), device=dev).unsqueeze(1).expand_as(slots)[keep]
             qpos = as_t([p for st, e in zip(starts, ends) for p in range(st, e)])
             qseq = as_t([i for i, w in enumerate(writes) for _ in w])
-            return PagedBatch(self.pool, as_t([[w for ws in writes for w in ws]]), slots[keep][None], kpos[None],
+            step = PagedBatch(self.pool, as_t([[w for ws in writes for w in ws]]), slots[keep][None], kpos[None],
                               qpos[None], qseq[None], kseq[None])
+            step.segments = [n for _, n in chunks], ends
+            return step
         S, N = len(writes[0]), max(ends)
         if any(len(w) != S for w in writes):
             raise ValueError(f"packed=False needs the same number of new tokens per sequence, got "
@@ -265,6 +267,8 @@ class PagedBatch:
         self.pool, self.write_slots, self.read_slots = pool, write_slots, read_slots
         self.positions, self.query_positions = positions, query_positions
         self.query_seq, self.key_seq = query_seq, key_seq
+        self.segments = None  # packed: (new tokens, keys) per sequence, host lists (see varlen)
+        self._varlen = None
 
     def update(self, key: Tensor, value: Tensor, layer_idx: int,
                cache_position: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
@@ -279,6 +283,21 @@ class PagedBatch:
     def key_positions(self, layer_idx: int, in_cache: bool = False) -> Tensor:
         """``(B, N)`` position of each key inside its own sequence."""
         return self.positions
+
+    def varlen(self) -> Optional[Tuple[Tensor, Tensor, int, int]]:
+        """Packed: the same block-diagonal causal mask in compressed form, as variable-length
+        attention kernels take it: ``(cu_seq_q, cu_seq_k, max_q, max_k)``, int32 cumulative
+        query and key counts per sequence ``(n_seq + 1,)`` and the longest of each.  Sequence
+        ``i``'s queries are the *last* ``n_i`` of its keys (causal aligned bottom-right).  ``None``
+        for an unpacked step."""
+        if self.segments is None:
+            return None
+        if self._varlen is None:
+            new, ends = self.segments
+            cum = lambda xs: torch.tensor([0] + xs, dtype=torch.int32).cumsum(0, dtype=torch.int32)  # noqa: E731
+            dev = self.write_slots.device
+            self._varlen = cum(new).to(dev), cum(ends).to(dev), max(new), max(ends)
+        return self._varlen
 
     def retention_mask(self, query_positions: Tensor, key_positions: Tensor) -> Optional[Tensor]:
         """Packed: ``(1, S, N)``, may query ``i`` see key ``j`` at all (same sequence); else ``None``."""
@@ -303,7 +322,7 @@ class PagedBlocks:
     """One engine step whose attention reads every row's blocks **where they are** (no gather).
 
     Built by :meth:`BlockManager.blocks_step`.  ``B`` rows of ``S`` new tokens each:
-    ``write_slots`` ``(B, S)`` where the new tokens go, ``block_table`` ``(B, W)`` int32 the
+    ``write_slots`` ``(B, S)`` where the new tokens go, ``block_table`` ``(B, W)`` int32 or int64, the
     pool blocks each row reads, in order (``-1`` after its last block), ``query_positions``
     ``(B, S)``.  Block ``block_table[b, j]`` holds row ``b``'s positions ``j * bs .. j * bs +
     bs - 1``: that is the whole answer to "which position does each key hold", so nothing per

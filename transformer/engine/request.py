@@ -83,6 +83,18 @@ class Request:
         """Prompt then generated tokens: what the pool must hold before the next sample."""
         return self.prompt_ids + self.output_ids
 
+    def tokens(self, start: int, end: int) -> List[int]:
+        """``all_ids[start:end]`` without building ``all_ids`` (a step asks for its chunk only)."""
+        P = len(self.prompt_ids)
+        if end <= P:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:P] + self.output_ids[max(start - P, 0):end - P]
+
+    def token(self, i: int) -> int:
+        """``all_ids[i]``: O(1)."""
+        P = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < P else self.output_ids[i - P]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)

@@ -77,7 +77,7 @@ class ModelRunner:
         batch = self.blocks.batch([(r.request_id, n) for r, n in chunks], packed=True)
         ids, last = [], []
         for r, n in chunks:
-            ids += r.all_ids[r.num_computed:r.num_computed + n]
+            ids += r.tokens(r.num_computed, r.num_computed + n)
             last.append(len(ids) - 1)
         dev = self.device
         return self.model(torch.tensor([ids], device=dev), cache=batch, cache_position=batch.query_positions,
@@ -90,7 +90,7 @@ class ModelRunner:
             return self._replay(chunks)
         sids = [(r.request_id, 1) for r, _ in chunks]
         batch = self.blocks.batch(sids, packed=False, in_place=self.attention == "paged")
-        ids = torch.tensor([[r.all_ids[r.num_computed]] for r, _ in chunks], device=self.device)  # (B, 1)
+        ids = torch.tensor([[r.token(r.num_computed)] for r, _ in chunks], device=self.device)  # (B, 1)
         return self.model(ids, cache=batch, cache_position=batch.query_positions)[:, -1]  # (B, V)
 
     # ------------------------------------------------------------------ CUDA graphs
@@ -103,12 +103,12 @@ class ModelRunner:
         self.width = -(-cfg.max_seq_len // bs)  # block-table columns: the longest sequence's blocks
         self.blocks.allocate(PAD_SEQ, [])
         self.pad_slot = self.blocks.slots(PAD_SEQ, 1)[0]
-        B, dev = self.buckets[-1], self.device
-        self.ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(B, 1, dtype=torch.long, device=dev)
-        self.write = torch.full((B, 1), self.pad_slot, dtype=torch.long, device=dev)
-        self.table = torch.full((B, self.width), -1, dtype=torch.int32, device=dev)
-        self.table[:, 0] = self.pad_slot // bs
+        # One (rows, 3 + width) buffer holds every input, so a step is one host-to-device copy:
+        # columns token id, position, write slot, then the block table (-1 after the last block).
+        self.pad_row = [0, 0, self.pad_slot, self.pad_slot // bs] + [-1] * (self.width - 1)
+        self.inputs = torch.tensor([self.pad_row] * self.buckets[-1], dtype=torch.long, device=self.device)
+        self.ids, self.pos, self.write = self.inputs[:, 0:1], self.inputs[:, 1:2], self.inputs[:, 2:3]
+        self.table = self.inputs[:, 3:]
         self._pool = None
 
     def _bucket(self, n: int) -> int:
@@ -117,14 +117,9 @@ class ModelRunner:
     def _stage(self, chunks: Sequence[Tuple[object, int]], Bp: int) -> None:
         """Fill the first ``Bp`` rows of the graph's buffers: the ``B`` requests, then padding."""
         starts, writes, tables = self.blocks.plan([(r.request_id, 1) for r, _ in chunks], self.width)
-        pad = Bp - len(chunks)
-        pad_row = [self.pad_slot // self.blocks.block_size] + [-1] * (self.width - 1)
-        host = lambda rows, dtype: torch.tensor(rows, dtype=dtype).pin_memory()  # noqa: E731
-        self.ids[:Bp].copy_(host([[r.all_ids[r.num_computed]] for r, _ in chunks] + [[0]] * pad, torch.long),
-                            non_blocking=True)
-        self.pos[:Bp].copy_(host([[s] for s in starts] + [[0]] * pad, torch.long), non_blocking=True)
-        self.write[:Bp].copy_(host(writes + [[self.pad_slot]] * pad, torch.long), non_blocking=True)
-        self.table[:Bp].copy_(host(tables + [pad_row] * pad, torch.int32), non_blocking=True)
+        rows = [[r.token(r.num_computed), s, w[0]] + t for (r, _), s, w, t in zip(chunks, starts, writes, tables)]
+        rows += [self.pad_row] * (Bp - len(chunks))
+        self.inputs[:Bp].copy_(torch.tensor(rows, dtype=torch.long).pin_memory(), non_blocking=True)
 
     def _body(self, Bp: int) -> torch.Tensor:
         """The decode step of ``Bp`` rows over the fixed buffers: the model's one forward."""

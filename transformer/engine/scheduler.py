@@ -58,17 +58,20 @@ class Scheduler:
         the engine refuses such requests when they are added)."""
         budget, chunks = self.max_num_batched_tokens, []
         needs = 0  # blocks the chunks chosen so far will take
+        free = self.blocks.num_free_blocks  # changes only when a preemption frees blocks
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed, budget)
-            while needs + self.blocks.blocks_needed(req.request_id, n) > self.blocks.num_free_blocks:
+            need = self.blocks.blocks_needed(req.request_id, n)
+            while needs + need > free:
                 self._preempt(self.running[-1])  # the latest admitted gives way (maybe req itself)
+                free = self.blocks.num_free_blocks
                 if req.status is not Status.RUNNING:
                     break
             if req.status is not Status.RUNNING:
                 break  # req preempted itself: every request after it is gone too
-            needs += self.blocks.blocks_needed(req.request_id, n)
+            needs += need
             chunks.append((req, n))
             budget -= n
             i += 1
@@ -76,11 +79,12 @@ class Scheduler:
             req = self.waiting[0]
             req.num_computed = self.blocks.allocate(req.request_id, req.all_ids)
             n = min(req.num_tokens - req.num_computed, budget)
-            if needs + self.blocks.blocks_needed(req.request_id, n) > self.blocks.num_free_blocks:
+            need = self.blocks.blocks_needed(req.request_id, n)
+            if needs + need > self.blocks.num_free_blocks:  # (reviving cached blocks changed the count)
                 self.blocks.cancel(req.request_id)  # not this step: give back the prefix blocks it revived
                 req.num_computed = 0
                 break
-            needs += self.blocks.blocks_needed(req.request_id, n)
+            needs += need
             self.waiting.popleft()
             req.status = Status.RUNNING
             self.running.append(req)
