@@ -2,14 +2,16 @@
 
 ``request.py``    ``SamplingParams``, ``Request``, ``RequestOutput``: a request's settings and state
 ``scheduler.py``  ``Scheduler``: continuous batching, chunked prefill, preemption by recompute
-``engine.py``     ``LLMEngine``: schedule, run the model's one forward over a packed step, sample
+``runner.py``     ``ModelRunner``: the steps through the model's one forward; paged attention, CUDA graphs
+``engine.py``     ``LLMEngine``: schedule, run, sample
 
 The memory side (block tables, prefix caching, the packed step as a cache) is
 ``kv_cache/paged/block_manager.py``.
 """
 
 from .engine import LLMEngine
+from .runner import ModelRunner
 from .request import Request, RequestOutput, SamplingParams, Status
 from .scheduler import Scheduler
 
-__all__ = ["LLMEngine", "Request", "RequestOutput", "SamplingParams", "Scheduler", "Status"]
+__all__ = ["LLMEngine", "ModelRunner", "Request", "RequestOutput", "SamplingParams", "Scheduler", "Status"]
