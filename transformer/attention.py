@@ -16,6 +16,7 @@ broadcasts the groups itself (``enable_gqa``), so no repeated copy of the cache 
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -39,13 +40,13 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention as flex
 
-    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        return flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if q.device.type == "cpu":
         import warnings
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
             return flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
-    if torch.compiler.is_compiling():
-        return flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
     if _compiled_flex is None:
         from .fast_decode import _allow_recompiles
 
@@ -60,11 +61,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Va
     kernel: ``q`` ``(T, H, D)``, ``k``/``v`` ``(N, H_kv, D)`` one sequence after another as
     ``mask`` says; returns ``(T, H, D)``.  Cost: only the diagonal blocks (each sequence with
     itself), against ``T x N`` for a dense mask."""
-    import inspect
-
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters  # the causal keyword changed between PyTorch releases
+    params = _varlen_parameters()
     kw = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
     if enable_gqa and k.shape[1] != q.shape[1]:
         if "enable_gqa" in params:
@@ -72,6 +71,17 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Va
         else:
             k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     return varlen_attn(q, k, v, mask.cu_seq_q, mask.cu_seq_k, mask.max_q, mask.max_k, **kw)
+
+
+@functools.lru_cache(maxsize=1)
+def _varlen_parameters() -> frozenset:
+    """Keyword names of this PyTorch's ``varlen_attn`` (the causal keyword changed between
+    releases), read once rather than on every layer of every prompt step."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def _to_bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -184,21 +194,21 @@ class Attention(nn.Module):
                     k = apply_rotary(k, _angles(cos, key_pos, -3), _angles(sin, key_pos, -3))  # k: (B, H_kv, n, D)
                     q = apply_rotary(q, _angles(cos, query_pos, -2), _angles(sin, query_pos, -2))  # q: (B, S, H, D)
         if isinstance(mask, MaskPlan):
-            mask = mask.build(cache, layer_idx, q.dtype)  # additive, shared by the layers
+            # built once per forward, shared by the layers: an additive tensor, or the compressed
+            # mask of packed sequences (VarlenMask), or a BlockMask over a paged pool
+            mask = mask.build(cache, layer_idx, q.dtype)
+        gqa = self.n_kv_heads != self.n_heads
+        k, v = k.to(q.dtype), v.to(q.dtype)
         if isinstance(mask, VarlenMask):  # packed sequences on a GPU: (1, T) queries over (1, N) keys
-            y = varlen_attention(q[0], k.transpose(1, 2)[0].to(q.dtype), v.transpose(1, 2)[0].to(q.dtype), mask,
-                                 enable_gqa=self.n_kv_heads != self.n_heads)  # (T, H, D)
-            return self.resid_dropout(self.out_proj(y.reshape(B, S, self.n_heads * self.head_dim)))
-        if mask is not None and not isinstance(mask, torch.Tensor):  # a BlockMask: a paged pool read in place
-            y = flex_attention(q.transpose(1, 2).contiguous(), k.to(q.dtype), v.to(q.dtype), block_mask=mask,
-                               enable_gqa=self.n_kv_heads != self.n_heads)
-            return self.resid_dropout(self.out_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)))
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # (B, H, S, D)
-        y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
-        return self.resid_dropout(self.out_proj(y))
+            y = varlen_attention(q[0], k.transpose(1, 2)[0], v.transpose(1, 2)[0], mask, enable_gqa=gqa)  # (T, H, D)
+        elif mask is not None and not isinstance(mask, torch.Tensor):  # a BlockMask: a paged pool read in place
+            y = flex_attention(q.transpose(1, 2).contiguous(), k, v, block_mask=mask, enable_gqa=gqa).transpose(1, 2)
+        else:
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k, v, attn_mask=mask, is_causal=is_causal,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa,
+            ).transpose(1, 2)  # (B, S, H, D)
+        return self.resid_dropout(self.out_proj(y.reshape(B, S, self.n_heads * self.head_dim)))
 
     def _cross_kv(self, memory, cache, layer_idx):
         """Keys/values of the encoder output in ``(B, H_kv, S_src, D)``: projected or cached."""
