@@ -59,15 +59,46 @@ def summarize(name: str, wall: float, out_tokens: int, ttft: List[float], itl: L
                 itl_p50_ms=1e3 * pct(itl, 0.5), itl_p99_ms=1e3 * pct(itl, 0.99))
 
 
-def run_continuous(model, reqs, args):
+def make_engine(model, args, reqs) -> LLMEngine:
+    """The engine of ``args``, warmed up as a server does before it takes requests (attention
+    kernels compiled, CUDA graphs recorded)."""
     engine = LLMEngine(model, num_blocks=args.num_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, attention=args.attention,
-                       cuda_graph=False if args.no_cuda_graph else None)
-    t_warm = time.perf_counter()  # a server does this before it takes requests: compile and record graphs
+                       cuda_graph=False if args.no_cuda_graph else None,
+                       async_scheduling=False if args.no_async else None)
+    t_warm = time.perf_counter()
     if engine.runner.cuda_graph:
         engine.runner.capture_all()
     engine.generate([reqs[0][0][:8]], SamplingParams(max_tokens=2, ignore_eos=True))
-    warm = time.perf_counter() - t_warm
+    engine.warm_up_s = time.perf_counter() - t_warm
+    return engine
+
+
+def run_invariance(model, reqs, args) -> List[Dict]:
+    """Does a request's output depend on its batch?  The first ``args.invariance`` requests of
+    the workload, run with all the others and then each alone through the same engine, greedy
+    and seeded-sampled (temperature 1, seed = request index).  Batched float arithmetic (matrix
+    products of another shape, padded attention) can flip a near-tie; this counts how often."""
+    engine, n, rows = make_engine(model, args, reqs), args.invariance, []
+    for name, temperature in (("greedy", 0.0), ("sampled, temperature 1, seeded", 1.0)):
+        params = [SamplingParams(max_tokens=o, ignore_eos=True, temperature=temperature, seed=i)
+                  for i, (_, o) in enumerate(reqs)]
+        batched = engine.generate([p for p, _ in reqs], params)
+        same, first_diff = 0, []
+        for i in range(n):
+            solo = engine.generate([reqs[i][0]], [params[i]])[0]
+            same += solo == batched[i]
+            if solo != batched[i]:
+                first_diff.append(next(j for j, (a, b) in enumerate(zip(solo, batched[i])) if a != b))
+        rows.append(dict(decoding=name, requests=n, identical=same / n, tokens=sum(o for _, o in reqs[:n]),
+                         first_difference_at=sorted(first_diff)))
+        print(f"invariance ({name}): {same}/{n} requests identical alone and in the batch", flush=True)
+    return rows
+
+
+def run_continuous(model, reqs, args):
+    engine = make_engine(model, args, reqs)
+    warm = engine.warm_up_s
     profiler = None
     if args.profile:
         import cProfile
@@ -91,7 +122,8 @@ def run_continuous(model, reqs, args):
     ttft = [ts[0] - t0 for ts in times.values()]
     itl = [b - a for ts in times.values() for a, b in zip(ts, ts[1:])]
     runner = engine.runner
-    name = f"continuous (LLMEngine, {runner.attention}{', CUDA graphs' if runner.cuda_graph else ''})"
+    name = (f"continuous (LLMEngine, {runner.attention}{', CUDA graphs' if runner.cuda_graph else ''}"
+            f"{', async' if engine.async_scheduling else ''})")
     row = summarize(name, wall, sum(o for _, o in reqs), ttft, itl)
     row["preemptions"], row["warm_up_s"], row["steps"] = engine.scheduler.num_preemptions, warm, engine.num_steps
     return row, tokens
@@ -145,7 +177,8 @@ def main(argv=None) -> None:
     p.add_argument("--requests", type=int, default=64, help="number of requests [64]")
     p.add_argument("--min-len", type=int, default=16, help="shortest prompt and output [16]")
     p.add_argument("--max-len", type=int, default=128, help="longest prompt and output [128]")
-    p.add_argument("--batch", type=int, default=16, help="static batch size [16]")
+    p.add_argument("--batch", type=int, nargs="+", default=None,
+                   help="static batch size(s), one static row each [the engine's --max-num-seqs]")
     p.add_argument("--num-blocks", type=int, default=1024, help="engine KV blocks [1024]")
     p.add_argument("--block-size", type=int, default=16, help="engine block size [16]")
     p.add_argument("--max-num-seqs", type=int, default=32, help="engine: most requests per step [32]")
@@ -153,6 +186,11 @@ def main(argv=None) -> None:
     p.add_argument("--attention", choices=("auto", "paged", "gather"), default="auto",
                    help="engine decode attention [auto: paged on CUDA, gather on CPU]")
     p.add_argument("--no-cuda-graph", action="store_true", help="engine: no CUDA graphs for decode steps")
+    p.add_argument("--no-async", action="store_true", help="engine: read each step's tokens before the next "
+                   "(no overlap of host and GPU work)")
+    p.add_argument("--invariance", type=int, default=0, metavar="N",
+                   help="also run the first N requests alone and count how many get the same tokens as in "
+                        "the batch, greedy and seeded-sampled [0: skip]")
     p.add_argument("--transformers", action="store_true",
                    help="also time transformers' continuous batching on the same weights (needs --gpt2-shape)")
     p.add_argument("--profile", action="store_true", help="print a cProfile of the engine's loop (host time)")
@@ -166,7 +204,8 @@ def main(argv=None) -> None:
     if args.transformers and not args.gpt2_shape:
         p.error("--transformers needs --gpt2-shape (a model both libraries load with the same weights)")
     if args.quick:
-        args.requests, args.min_len, args.max_len, args.batch = 8, 4, 12, 4
+        args.requests, args.min_len, args.max_len, args.batch = 8, 4, 12, [4]
+    args.batch = args.batch or [args.max_num_seqs]
     set_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.random:
@@ -187,9 +226,9 @@ def main(argv=None) -> None:
     rows, outputs = [], {}
     with torch.inference_mode():
         model.generate(torch.tensor([reqs[0][0]], device=args.device), 4, eos_token_id=None)  # warm-up
-        for name, fn in (("continuous", lambda: run_continuous(model, reqs, args)),
-                         ("static", None if args.no_static else
-                          lambda: run_static(model, reqs, args.batch, args.static_compile)),
+        static = [(f"static{b}", None if args.no_static else
+                   lambda b=b: run_static(model, reqs, b, args.static_compile)) for b in args.batch]
+        for name, fn in (("continuous", lambda: run_continuous(model, reqs, args)), *static,
                          ("transformers", None if not args.transformers else lambda: run_transformers_cb(
                              hf_model, reqs, num_blocks=args.num_blocks, block_size=args.block_size,
                              max_batch_tokens=args.max_num_batched_tokens, max_requests_per_batch=args.max_num_seqs)),
@@ -204,7 +243,8 @@ def main(argv=None) -> None:
     for row, name in zip(rows, outputs):
         row["same_tokens_as_one_at_a_time"] = None if ref is None else sum(
             a == b for a, b in zip(outputs[name], ref)) / len(ref)
-    base = next(r["tokens_per_s"] for r in rows if r["mode"].startswith("static") or args.no_static)
+    # the best static row is the baseline (static batching at its best batch size)
+    base = max((r["tokens_per_s"] for r in rows if r["mode"].startswith("static")), default=rows[0]["tokens_per_s"])
     table = markdown_table(
         [[r["mode"], f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / base:.2f}", f"{r['ttft_p50_ms']:.0f}",
           f"{r['ttft_p99_ms']:.0f}", f"{r['itl_p50_ms']:.1f}", f"{r['itl_p99_ms']:.1f}",
@@ -220,11 +260,19 @@ def main(argv=None) -> None:
             f"{args.checkpoint or 'random weights'}, {args.dtype} on {args.device}.  Workload: {args.requests} requests, "
             f"prompt and output lengths uniform in [{args.min_len}, {args.max_len}], all at t=0, no early stop.  "
             f"Engine: {args.num_blocks} blocks of {args.block_size}, max_num_seqs {args.max_num_seqs}, "
-            f"max_num_batched_tokens {args.max_num_batched_tokens}.\n\n{table}\n")
+            f"max_num_batched_tokens {args.max_num_batched_tokens}.  \"vs static\": against the best static row."
+            f"\n\n{table}\n")
+    invariance = run_invariance(model, reqs, args) if args.invariance else []
+    if invariance:
+        text += "\nBatch invariance: the first requests run alone through the same engine, against the batch above.\n\n"
+        text += markdown_table([[r["decoding"], str(r["requests"]), f"{100 * r['identical']:.0f}%",
+                                 ", ".join(map(str, r["first_difference_at"])) or "-"] for r in invariance],
+                               ["decoding", "requests", "identical alone and in the batch",
+                                "first differing token of the others"]) + "\n"
     print("\n" + text)
     out = args.out or (None if args.quick else DEFAULT_OUT)
     if out:
-        write_results(out, dict(rows=rows, args=vars(args)), machine, markdown=text)
+        write_results(out, dict(rows=rows, invariance=invariance, args=vars(args)), machine, markdown=text)
 
 
 if __name__ == "__main__":

@@ -69,9 +69,10 @@ def test_engine_matches_generate_for_each_request(pos, attention):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), pos=st.sampled_from(["learned", "rope"]), block_size=st.sampled_from([2, 4, 8]),
        num_blocks=st.integers(12, 40), max_seqs=st.integers(1, 6), budget=st.integers(4, 48),
-       attention=st.sampled_from(["gather", "paged"]))
+       attention=st.sampled_from(["gather", "paged"]), async_scheduling=st.booleans())
 def test_random_workloads_match_generate_with_preemption_and_prefix_sharing(data, pos, block_size, num_blocks,
-                                                                           max_seqs, budget, attention):
+                                                                           max_seqs, budget, attention,
+                                                                           async_scheduling):
     model = MODELS[pos]
     base = data.draw(st.lists(st.integers(0, V - 1), min_size=0, max_size=12), label="shared prefix")
     n_req = data.draw(st.integers(1, 7), label="requests")
@@ -86,7 +87,7 @@ def test_random_workloads_match_generate_with_preemption_and_prefix_sharing(data
     arrivals.sort(key=lambda a: a[0])
     aborts = data.draw(st.dictionaries(st.integers(0, 10), st.lists(st.integers(0, 6), max_size=2), max_size=2))
     engine = LLMEngine(model, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_seqs,
-                       max_num_batched_tokens=budget, attention=attention)
+                       max_num_batched_tokens=budget, attention=attention, async_scheduling=async_scheduling)
     got = run_workload(engine, arrivals, aborts)
     for i, req in got.items():
         want = alone(model, arrivals[i][1], arrivals[i][2])
@@ -96,13 +97,13 @@ def test_random_workloads_match_generate_with_preemption_and_prefix_sharing(data
             assert req.output_ids == want and req.finish_reason == "length"
 
 
-@pytest.mark.parametrize("attention", ["gather", "paged"])
-def test_small_pool_forces_preemption_and_outputs_stay_exact(attention):
+@pytest.mark.parametrize("attention,async_scheduling", [("gather", False), ("paged", False), ("gather", True)])
+def test_small_pool_forces_preemption_and_outputs_stay_exact(attention, async_scheduling):
     model = MODELS["rope"]
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, V, (10,), generator=g).tolist() for _ in range(6)]
     engine = LLMEngine(model, num_blocks=12, block_size=4, max_num_seqs=6, max_num_batched_tokens=64,
-                       attention=attention)
+                       attention=attention, async_scheduling=async_scheduling)
     outs = engine.generate(prompts, SamplingParams(max_tokens=20))
     assert engine.scheduler.num_preemptions > 0  # 6 x 30 tokens cannot all fit in 48 slots
     assert outs == [alone(model, p, 20) for p in prompts]
@@ -121,25 +122,48 @@ def test_prefix_cache_skips_the_shared_blocks():
     assert engine.stats()["prefix_hit_rate"] > 0
 
 
-def test_eos_and_stop_tokens_end_a_request():
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_eos_and_stop_tokens_end_a_request(async_scheduling):
     model = MODELS["learned"]
     p = [5, 6, 7]
     ref = alone(model, p, 10)
     stop = ref[3]
-    engine = LLMEngine(model, num_blocks=16, block_size=4)
+    engine = LLMEngine(model, num_blocks=16, block_size=4, async_scheduling=async_scheduling)
     rid = engine.add_request(p, SamplingParams(max_tokens=10, stop_token_ids=[stop]))
+    other = engine.add_request(p[:2], SamplingParams(max_tokens=8))
     while engine.has_unfinished():
         engine.step()
+        engine.check_invariants()
     req = engine.pop_finished(rid)
     assert req.output_ids == ref[:ref.index(stop) + 1] and req.finish_reason == "stop"
+    assert engine.pop_finished(other).output_ids == alone(model, p[:2], 8)
+    # async: the step after the stop token was already launched; its token is dropped, its blocks freed
+    assert engine.blocks.num_used_blocks == 0 and engine.num_generated_tokens == len(req.output_ids) + 8
 
 
-def test_seeded_sampling_does_not_depend_on_the_batch():
+def test_async_scheduling_reads_the_next_input_from_the_device_without_waiting():
+    """The async loop launches step N + 1 before reading step N: the decode input ids of N + 1
+    are the device tokens of N (nothing read back in between), and outputs arrive one call late."""
+    model = MODELS["rope"]
+    engine = LLMEngine(model, num_blocks=32, block_size=4, async_scheduling=True)
+    rid = engine.add_request([3, 4, 5], SamplingParams(max_tokens=4))
+    assert engine.step() == []  # prefill launched; its token still on the device
+    req = engine.requests[rid]
+    assert req.num_pending == 1 and req.output_ids == [] and req.token(3) is None
+    first = engine.step()  # decode launched from the pending id, then the prefill's token read
+    assert [o.new_token_ids for o in first] == [[alone(model, [3, 4, 5], 1)[0]]] and req.num_pending == 1
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.pop_finished(rid).output_ids == alone(model, [3, 4, 5], 4)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_seeded_sampling_does_not_depend_on_the_batch(async_scheduling):
     model = MODELS["rope"]
     params = SamplingParams(max_tokens=12, temperature=1.0, top_k=20, seed=7)
     alone_engine = LLMEngine(model, num_blocks=32, block_size=4)
     solo = alone_engine.generate([[1, 2, 3]], params)[0]
-    busy = LLMEngine(model, num_blocks=64, block_size=4, max_num_seqs=8)
+    busy = LLMEngine(model, num_blocks=64, block_size=4, max_num_seqs=8, async_scheduling=async_scheduling)
     others = [[9] * k for k in range(1, 6)]
     outs = busy.generate(others[:2] + [[1, 2, 3]] + others[2:],
                          [SamplingParams(max_tokens=9, temperature=0.8, seed=s) for s in range(2)] + [params]

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transformer.sampling import (process_logits, sample_next_token, top_k_filter, top_p_filter,
+from transformer.sampling import (process_logits, process_logits_rows, sample_next_token, top_k_filter, top_p_filter,
                                   validate_sampling_args)
 
 logit_rows = st.lists(st.floats(-20, 20, allow_nan=False, width=32), min_size=2, max_size=40)
@@ -144,3 +144,44 @@ def test_cache_kinds_are_defined_once():
     from transformer.generation import CACHE_IMPLEMENTATIONS, EXACT_CACHES, LONG_CONTEXT_CACHES
     assert CACHE_IMPLEMENTATIONS == EXACT_CACHES + LONG_CONTEXT_CACHES
     assert set(EXACT_CACHES) == {"dynamic", "static"}  # what speculative decoding and fast=True take
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows=st.lists(st.tuples(st.lists(st.floats(-20, 20, allow_nan=False, width=32), min_size=12, max_size=12),
+                               st.sampled_from([0.05, 0.7, 1.0, 1.6]), st.sampled_from([None, 1, 3, 12]),
+                               st.sampled_from([None, 0.3, 0.9, 1.0])), min_size=1, max_size=5))
+def test_per_row_settings_in_one_batch_equal_each_row_alone(rows):
+    """The engine's batched logits processing gives every row what process_logits gives it alone."""
+    logits = torch.tensor([r for r, *_ in rows])
+    temperature = torch.tensor([t for _, t, _, _ in rows])
+    top_k = torch.tensor([12 if k is None else k for _, _, k, _ in rows])
+    top_p = torch.tensor([1.0 if p is None else p for *_, p in rows])
+    got = process_logits_rows(logits, temperature, top_k, top_p)
+    for b, (_, t, k, p) in enumerate(rows):
+        want = process_logits(logits[b:b + 1], t, k, p)[0]
+        kept = torch.isfinite(want)
+        # the same tokens survive (a tie at the top-k boundary, also one made by the temperature
+        # rounding two logits to one value, may keep a different one of the equal logits)
+        if len(set(process_logits(logits[b:b + 1], t)[0].tolist())) == logits.shape[1]:
+            assert torch.equal(torch.isfinite(got[b]), kept), (b, t, k, p)
+            torch.testing.assert_close(got[b][kept], want[kept])
+
+
+@pytest.mark.parametrize("settings_", [dict(temperature=1.0), dict(temperature=0.7, top_k=4),
+                                       dict(temperature=1.3, top_p=0.8), dict(temperature=0.8, top_k=5, top_p=0.9)])
+def test_engine_sampler_draws_from_the_processed_distribution(settings_):
+    """The exponential race (argmax p / E, E ~ Exp(1)) of the engine's sampler is a draw from p."""
+    from transformer.engine.request import Request, SamplingParams
+    from transformer.engine.sampler import sample_step
+
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]])
+    expected = torch.softmax(process_logits(logits, **settings_), -1)[0]
+    req = Request("r", [0], SamplingParams(seed=0, **settings_))
+    req.generator = req.params.settings.make_generator()
+    n = 20_000
+    draws = torch.cat([sample_step(logits.expand(500, -1), [req] * 500) for _ in range(n // 500)])
+    freq = torch.bincount(draws, minlength=logits.shape[-1]).double() / n
+    assert freq[expected == 0].sum() == 0
+    keep = expected > 0
+    e, o = expected[keep].double() * n, freq[keep] * n
+    assert float(((o - e) ** 2 / e).sum()) < 25

@@ -132,7 +132,8 @@ class BlockManager:
         seq = self.seqs[sid]
         seq.lengths[0] += n
         seq.token_ids.extend(token_ids)
-        if self.enable_prefix_caching:
+        # (the check first: a serving engine commits every token, and few complete a block)
+        if self.enable_prefix_caching and min(seq.lengths[0], len(seq.token_ids)) // self.block_size > len(seq.hashes):
             register_full_blocks(self.pool, seq, self.block_size)
 
     def cancel(self, sid: Hashable) -> None:
@@ -196,6 +197,9 @@ class BlockManager:
             step = PagedBatch(self.pool, as_t([[w for ws in writes for w in ws]]), slots[keep][None], kpos[None],
                               qpos[None], qseq[None], kseq[None])
             step.segments = [n for _, n in chunks], ends
+            # Every sequence starts at position 0 (fresh prompts, no prefix hit): the keys it
+            # reads are exactly the ones it writes, in the same order, so update need not gather.
+            step.fresh = not any(starts)
             return step
         S, N = len(writes[0]), max(ends)
         if any(len(w) != S for w in writes):
@@ -269,6 +273,8 @@ class PagedBatch:
         self.query_seq, self.key_seq = query_seq, key_seq
         self.segments = None  # packed: (new tokens, keys) per sequence, host lists (see varlen)
         self._varlen = None
+        self.fresh = False  # the keys read are the keys written, in order (no history): no gather
+        self.scratch = None  # (2, N, H * D) gather buffer, shared by the layers (one allocation per step)
 
     def update(self, key: Tensor, value: Tensor, layer_idx: int,
                cache_position: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
@@ -277,7 +283,12 @@ class PagedBatch:
             raise ValueError(f"this PagedBatch step takes keys of shape {tuple(self.write_slots.shape)} + (H_kv, D), "
                              f"got {tuple(key.shape)}")
         self.pool.write(layer_idx, self.write_slots.flatten(), key.flatten(0, 1), value.flatten(0, 1))
-        k, v = self.pool.read(layer_idx, self.read_slots.flatten())
+        if self.fresh:
+            return key, value
+        slots = self.read_slots.flatten()
+        if self.scratch is None or self.scratch.shape[1] < len(slots):
+            self.scratch = self.pool.storage.new_empty(2, len(slots), self.pool.num_kv_heads * self.pool.head_dim)
+        k, v = self.pool.read(layer_idx, slots, out=self.scratch)
         return k.view(*self.read_slots.shape, *k.shape[1:]), v.view(*self.read_slots.shape, *v.shape[1:])
 
     def key_positions(self, layer_idx: int, in_cache: bool = False) -> Tensor:

@@ -262,12 +262,24 @@ class BlockPool:
 
     def write(self, layer: int, slots: Tensor, key: Tensor, value: Tensor) -> None:
         """Store ``key``/``value`` ``(T, H, D)`` in ``slots`` ``(T,)`` of ``layer``.  One copy of T tokens."""
-        self.slot_view(0, layer).index_copy_(0, slots, key)
-        self.slot_view(1, layer).index_copy_(0, slots, value)
+        self.slot_view(0, layer).flatten(1).index_copy_(0, slots, key.flatten(1))
+        self.slot_view(1, layer).flatten(1).index_copy_(0, slots, value.flatten(1))
 
-    def read(self, layer: int, slots: Tensor):
-        """Gather ``(keys, values)`` ``(len(slots), H, D)`` of ``layer``: one copy of the tokens."""
-        return self.slot_view(0, layer).index_select(0, slots), self.slot_view(1, layer).index_select(0, slots)
+    def read(self, layer: int, slots: Tensor, out: Optional[Tensor] = None):
+        """Gather ``(keys, values)`` ``(len(slots), H, D)`` of ``layer``: one copy of the tokens.
+
+        ``out``: an optional ``(2, >= len(slots), H * D)`` buffer to gather into (the results are
+        views of it).  A caller that reads every layer in turn can pass the same buffer each
+        time: on a CPU a fresh multi-MB tensor per read costs page faults that take longer than
+        the copy itself (measured, ``docs/serving.md``)."""
+        T, shape = len(slots), (len(slots), self.num_kv_heads, self.head_dim)
+        # Rows of H * D elements: index_select on a 2-D view is faster on a CPU than on the 3-D
+        # one (measured, torch 2.13); the result is the same copy.
+        if out is None:
+            return tuple(self.slot_view(kind, layer).flatten(1).index_select(0, slots).view(shape) for kind in (0, 1))
+        for kind in (0, 1):
+            torch.index_select(self.slot_view(kind, layer).flatten(1), 0, slots, out=out[kind, :T])
+        return out[0, :T].view(shape), out[1, :T].view(shape)
 
     # ------------------------------------------------------------------ defragmentation
     def defragment(self, shrink: bool) -> Dict[int, int]:

@@ -12,16 +12,21 @@ model runner)::
 The model is the project's ordinary forward pass: the packed step is a cache
 (:class:`~kv_cache.paged.block_manager.PagedBatch`) that reports each key's position and
 sequence, and the model's one mask builder turns that into a block-diagonal causal mask.  There
-is no engine-only model code.  Sampling happens per request on its own ``torch.Generator``
-(seeded by ``seed``), so a request's tokens do not depend on which others share its steps --
-up to float rounding of batched arithmetic, which can flip a near-tie (greedy in float32: see
-``tests/test_engine.py``).
+is no engine-only model code.  Sampling is batched on the device (:mod:`.sampler`), each
+request drawing from its own ``torch.Generator`` (seeded by ``seed``), so a request's tokens do
+not depend on which others share its steps -- up to float rounding of batched arithmetic,
+which can flip a near-tie (measured: ``docs/serving.md``).
+
+On a GPU the loop is **asynchronous** (``async_scheduling``): the tokens of step ``N`` are
+copied back while the host already schedules step ``N + 1``, whose input ids are taken from
+the device; the host only waits when it needs step ``N``'s values, by which time the GPU is
+busy with step ``N + 1``.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -29,10 +34,20 @@ from kv_cache.paged.block_manager import BlockManager
 from kv_cache.paged.block_pool import BlockPool
 
 from ..model import DecoderOnlyTransformer
-from ..sampling import process_logits
 from .request import Request, RequestOutput, SamplingParams
 from .runner import ModelRunner
+from .sampler import sample_step
 from .scheduler import Scheduler
+
+
+class _Step(NamedTuple):
+    """A launched step: its chunks, the rows that sampled, their tokens on the device, the host
+    copy being made of them and the event that says it is done (CUDA)."""
+    chunks: list
+    due: List[int]
+    tokens: Optional[torch.Tensor]
+    host: Optional[torch.Tensor]
+    event: Optional[object]
 
 
 class LLMEngine:
@@ -54,6 +69,10 @@ class LLMEngine:
             ``"gather"`` (copy each row's history, then SDPA); see :mod:`.runner`.
         cuda_graph: replay decode steps as CUDA graphs (default: on with ``"paged"`` on CUDA;
             holds one block of the pool for padding rows).
+        async_scheduling: overlap the host's work with the device's: schedule and stage step
+            ``N + 1`` while step ``N`` runs, its outputs returned one :meth:`step` later (see
+            :meth:`step`; default: on for CUDA, where the GPU would otherwise wait for Python;
+            off on a CPU, which does the two in turn anyway).
 
     Use: :meth:`add_request` then :meth:`step` until :meth:`has_unfinished` is False, or
     :meth:`generate` for a list of prompts.  Cost per step: one forward over the step's tokens
@@ -62,7 +81,8 @@ class LLMEngine:
 
     def __init__(self, model, *, num_blocks: int = 256, block_size: int = 16, max_num_seqs: int = 32,
                  max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
-                 eos_token_id: Optional[int] = None, attention: str = "auto", cuda_graph: Optional[bool] = None):
+                 eos_token_id: Optional[int] = None, attention: str = "auto", cuda_graph: Optional[bool] = None,
+                 async_scheduling: Optional[bool] = None):
         cfg = getattr(model, "config", None)
         if not isinstance(model, DecoderOnlyTransformer):
             raise ValueError("LLMEngine serves decoder-only models (DecoderOnlyTransformer); got "
@@ -80,6 +100,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.blocks, attention=attention, cuda_graph=cuda_graph,
                                   max_num_seqs=max_num_seqs)
+        self.async_scheduling = p.device.type == "cuda" if async_scheduling is None else bool(async_scheduling)
+        self._in_flight: Optional[_Step] = None  # the launched step whose tokens are not read yet
         self.eos_token_id = cfg.eos_token_id if eos_token_id is None else eos_token_id
         self.requests: Dict[str, Request] = {}
         self._arrivals = itertools.count()
@@ -124,8 +146,8 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        """Is any request waiting or running?"""
-        return self.scheduler.has_unfinished()
+        """Is any request waiting or running, or a step's tokens still to be read?"""
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def pop_finished(self, request_id: str) -> Request:
         """Forget a finished request and return it (its output stays on the object)."""
@@ -137,33 +159,77 @@ class LLMEngine:
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
     def step(self) -> List[RequestOutput]:
-        """Run one scheduled step; return what each request in it produced."""
+        """Run one scheduled step; return what each request in it produced.
+
+        With ``async_scheduling`` the step's tokens stay on the device and are returned by the
+        *next* call, which first launches the following step: the host schedules step ``N + 1``
+        and stages its inputs while the GPU still runs step ``N`` (the next step's input ids
+        are taken from the device).  A request that meets a stop token has then been scheduled
+        once more; that extra token is discarded.  Without it, each call returns its own step."""
         chunks = self.scheduler.schedule()
-        if not chunks:
-            return []
+        launched = self._launch(chunks) if chunks else None
+        if not self.async_scheduling:
+            return self._finish(launched) if launched else []
+        previous, self._in_flight = self._in_flight, launched
+        return self._finish(previous) if previous else []
+
+    def _launch(self, chunks) -> "_Step":
+        """Queue the forward passes and the sampling of ``chunks`` on the device; no host wait."""
         # Two calls of the model's forward: decode tokens as a (B, 1) batch (each row reads only
         # its own keys), prompt chunks packed into one (1, S) row (no padded queries).
-        logits = [None] * len(chunks)
-        for packed, run in ((False, self.runner.decode), (True, self.runner.prefill)):
+        pending = self._in_flight.tokens if self._in_flight else None
+        order, logits = [], []  # chunk indices, and their logits, group after group
+        for packed, run in ((False, lambda c: self.runner.decode(c, pending)), (True, self.runner.prefill)):
             group = [i for i, (r, n) in enumerate(chunks) if (n > 1) == packed]
             if group:
-                for i, row in zip(group, run([chunks[i] for i in group])):
-                    logits[i] = row
-        logits = torch.stack(logits)  # (len(chunks), V)
-        greedy = logits.argmax(-1).tolist()  # one device read for every greedy request
-        self.num_steps += 1
-        outputs = []
+                order += group
+                logits.append(run([chunks[i] for i in group]))  # (len(group), V)
+        logits = logits[0] if len(logits) == 1 else torch.cat(logits)
+        due = []  # rows that reach the end of their known tokens: each samples one more
         for i, (r, n) in enumerate(chunks):
             r.num_computed += n
-            done = r.num_computed == r.num_tokens  # every known token computed: sample the next
-            token = None if not done else greedy[i] if r.params.settings.greedy else self._sample(r, logits[i])
-            self.blocks.commit(r.request_id, n, [] if token is None else [token])
-            if token is None:
+            self.blocks.commit(r.request_id, n)
+            if r.num_computed == r.num_tokens:
+                due.append(i)
+        row = {i: k for k, i in enumerate(order)}
+        rows = [row[i] for i in due]
+        if rows != list(range(len(order))):  # (a decode-only step samples every row: no copy)
+            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        tokens = sample_step(logits, [chunks[i][0] for i in due]) if due else None
+        for j, i in enumerate(due):
+            r = chunks[i][0]
+            r.num_pending += 1
+            r.pending_row = j
+        host, event = tokens, None
+        if self.pool.device.type == "cuda":  # read back without waiting: pinned memory + an event
+            if tokens is not None:
+                host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True).copy_(tokens, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()  # also marks the step's input buffers free again (ModelRunner._stage)
+        self.num_steps += 1
+        return _Step(chunks, due, tokens, host, event)
+
+    def _finish(self, step: "_Step") -> List[RequestOutput]:
+        """Read a launched step's tokens (waiting for its GPU work only) and account for them."""
+        if step.event is not None:
+            step.event.synchronize()
+        values = step.host.tolist() if step.host is not None else []
+        due = dict(zip(step.due, values))
+        outputs = []
+        for i, (r, n) in enumerate(step.chunks):
+            if i not in due:
                 self.num_prefill_tokens += n
-                outputs.append(RequestOutput(r.request_id, [], False))
+                if not r.finished:
+                    outputs.append(RequestOutput(r.request_id, [], False))
                 continue
+            r.num_pending -= 1
+            if r.finished:  # stopped by an earlier token or aborted: this one was never wanted
+                continue
+            token = due[i]
             self.num_generated_tokens += 1
             r.output_ids.append(token)
+            if r.request_id in self.blocks.seqs:  # (not if it was preempted meanwhile)
+                self.blocks.commit(r.request_id, 0, [token])
             stops = () if r.params.ignore_eos else r.params.stop_token_ids or (
                 () if self.eos_token_id is None else (self.eos_token_id,))
             reason = "stop" if token in stops else "length" if len(r.output_ids) >= r.params.max_tokens else None
@@ -171,12 +237,6 @@ class LLMEngine:
                 self.scheduler.finish(r, reason)
             outputs.append(RequestOutput(r.request_id, [token], reason is not None, reason))
         return outputs
-
-    def _sample(self, req: Request, logits: torch.Tensor) -> int:
-        """A sampled next token of ``req`` from its ``(V,)`` logits, with its own settings and stream."""
-        s = req.params.settings
-        probs = torch.softmax(process_logits(logits[None], s.temperature, s.top_k, s.top_p), dim=-1)
-        return int(torch.multinomial(probs, 1, generator=req.generator))
 
     # ------------------------------------------------------------------ convenience
     def generate(self, prompts: Iterable[Sequence[int]], params=None) -> List[List[int]]:

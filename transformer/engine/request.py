@@ -77,6 +77,8 @@ class Request:
     finish_reason: Optional[str] = None  # "stop", "length" or "abort"
     generator: Optional[torch.Generator] = field(default=None, repr=False)
     preemptions: int = 0
+    num_pending: int = 0  # tokens sampled on the device whose values the host has not read yet
+    pending_row: int = -1  # its row in the last launched step's sampled tokens (async scheduling)
 
     @property
     def all_ids(self) -> List[int]:
@@ -90,14 +92,20 @@ class Request:
             return self.prompt_ids[start:end]
         return self.prompt_ids[start:P] + self.output_ids[max(start - P, 0):end - P]
 
-    def token(self, i: int) -> int:
-        """``all_ids[i]``: O(1)."""
-        P = len(self.prompt_ids)
-        return self.prompt_ids[i] if i < P else self.output_ids[i - P]
+    def token(self, i: int) -> Optional[int]:
+        """``all_ids[i]``: O(1).  ``None`` for a pending token (sampled, value still on the device)."""
+        P, O = len(self.prompt_ids), len(self.output_ids)
+        return self.prompt_ids[i] if i < P else self.output_ids[i - P] if i < P + O else None
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Prompt, generated and pending tokens: what the pool must hold before the next sample."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def last_pending(self) -> bool:
+        """Its last token is already sampled (pending): nothing is left to schedule for it."""
+        return self.num_pending > 0 and len(self.output_ids) + self.num_pending >= self.params.max_tokens
 
     @property
     def finished(self) -> bool:

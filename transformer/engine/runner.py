@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from kv_cache.paged.block_manager import BlockManager, PagedBlocks
@@ -84,14 +85,41 @@ class ModelRunner:
                           num_logits_to_keep=torch.tensor(last, device=dev))[0]  # (len(chunks), V)
 
     # ------------------------------------------------------------------ decode
-    def decode(self, chunks: Sequence[Tuple[object, int]]) -> torch.Tensor:
-        """Logits ``(len(chunks), V)`` of one new token per request."""
+    def decode(self, chunks: Sequence[Tuple[object, int]], pending: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits ``(len(chunks), V)`` of one new token per request.
+
+        A request whose newest token is still *pending* (sampled by the step before, its value
+        not yet read back: the engine overlaps host work with the GPU) takes its input id from
+        ``pending``, that step's ``(k,)`` device tokens, at row ``request.pending_row``: the
+        step's ids are completed on the device, with no wait."""
         if self.cuda_graph and len(chunks) <= self.buckets[-1]:
-            return self._replay(chunks)
+            return self._replay(chunks, pending)
         sids = [(r.request_id, 1) for r, _ in chunks]
         batch = self.blocks.batch(sids, packed=False, in_place=self.attention == "paged")
-        ids = torch.tensor([[r.token(r.num_computed)] for r, _ in chunks], device=self.device)  # (B, 1)
+        ids, src = self._ids([r for r, _ in chunks])
+        ids = torch.tensor(ids, device=self.device).unsqueeze(-1)  # (B, 1)
+        if any(i >= 0 for i in src):
+            ids = self._fill_pending(ids, torch.tensor(src, device=self.device).unsqueeze(-1), pending)
         return self.model(ids, cache=batch, cache_position=batch.query_positions)[:, -1]  # (B, V)
+
+    @staticmethod
+    def _ids(requests) -> Tuple[List[int], List[int]]:
+        """Host input ids of a decode step (``0`` where pending) and, per row, the row of the
+        pending token in the previous step's tokens (``-1``: the id is known)."""
+        ids, src = [], []
+        for r in requests:
+            t = r.token(r.num_computed)
+            ids.append(0 if t is None else t)
+            src.append(r.pending_row if t is None else -1)
+        return ids, src
+
+    @staticmethod
+    def _fill_pending(ids: torch.Tensor, src: torch.Tensor, pending: Optional[torch.Tensor]) -> torch.Tensor:
+        """``ids`` ``(B, 1)`` with the rows where ``src >= 0`` replaced by ``pending[src]`` (device ops)."""
+        if pending is None:
+            raise ValueError("a decode row waits for a pending token but no pending tokens were given")
+        taken = pending.index_select(0, src.clamp(min=0).flatten()).view_as(ids)
+        return torch.where(src >= 0, taken, ids)
 
     # ------------------------------------------------------------------ CUDA graphs
     def _init_graph_buffers(self, max_num_seqs: int) -> None:
@@ -103,23 +131,59 @@ class ModelRunner:
         self.width = -(-cfg.max_seq_len // bs)  # block-table columns: the longest sequence's blocks
         self.blocks.allocate(PAD_SEQ, [])
         self.pad_slot = self.blocks.slots(PAD_SEQ, 1)[0]
-        # One (rows, 3 + width) buffer holds every input, so a step is one host-to-device copy:
-        # columns token id, position, write slot, then the block table (-1 after the last block).
-        self.pad_row = [0, 0, self.pad_slot, self.pad_slot // bs] + [-1] * (self.width - 1)
+        # One (rows, 4 + width) buffer holds every input, so a step is one host-to-device copy:
+        # columns token id, position, write slot, pending row (-1: none; see decode), then the
+        # block table (-1 after the last block).
+        self.pad_row = [0, 0, self.pad_slot, -1, self.pad_slot // bs] + [-1] * (self.width - 1)
         self.inputs = torch.tensor([self.pad_row] * self.buckets[-1], dtype=torch.long, device=self.device)
         self.ids, self.pos, self.write = self.inputs[:, 0:1], self.inputs[:, 1:2], self.inputs[:, 2:3]
-        self.table = self.inputs[:, 3:]
+        self.src, self.table = self.inputs[:, 3:4], self.inputs[:, 4:]
+        # Two pinned host copies of that buffer, used in turn: with async scheduling the host
+        # fills step N + 1's while step N's copy may still be in flight (the engine has waited
+        # for step N - 1, so the other one is free).  numpy views fill them without Python lists.
+        self._host = [torch.tensor([self.pad_row] * self.buckets[-1], dtype=torch.long).pin_memory() for _ in (0, 1)]
+        self._host_np = [h.numpy() for h in self._host]
+        self._turn = 0
+        self._rows: Dict[str, tuple] = {}  # request -> (blocks, last block, table row, state): see _table_row
         self._pool = None
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def _stage(self, chunks: Sequence[Tuple[object, int]], Bp: int) -> None:
-        """Fill the first ``Bp`` rows of the graph's buffers: the ``B`` requests, then padding."""
-        starts, writes, tables = self.blocks.plan([(r.request_id, 1) for r, _ in chunks], self.width)
-        rows = [[r.token(r.num_computed), s, w[0]] + t for (r, _), s, w, t in zip(chunks, starts, writes, tables)]
-        rows += [self.pad_row] * (Bp - len(chunks))
-        self.inputs[:Bp].copy_(torch.tensor(rows, dtype=torch.long).pin_memory(), non_blocking=True)
+    def _stage(self, chunks: Sequence[Tuple[object, int]], Bp: int, pending: Optional[torch.Tensor] = None) -> None:
+        """Fill the first ``Bp`` rows of the graph's buffers: the ``B`` requests, then padding;
+        then the pending ids from ``pending`` (on the device, see :meth:`decode`).  Host cost:
+        O(B) Python for ids, positions and write slots (taking new blocks); the block-table rows
+        are cached per request and copied as one numpy array."""
+        reqs = [r for r, _ in chunks]
+        B, slots = len(reqs), self.blocks.slots
+        ids, src = self._ids(reqs)
+        buf, host = self._host_np[self._turn], self._host[self._turn]
+        self._turn ^= 1
+        buf[:B, 0], buf[:B, 3] = ids, src
+        buf[:B, 1] = [r.num_computed for r in reqs]  # the new token's position (= tokens in the pool)
+        buf[:B, 2] = [slots(r.request_id, 1)[0] for r in reqs]  # takes a block at a boundary
+        buf[:B, 4:] = np.stack([self._table_row(r.request_id) for r in reqs]) if reqs else buf[:0, 4:]
+        buf[B:Bp] = self.pad_row
+        self.inputs[:Bp].copy_(host[:Bp], non_blocking=True)
+        if any(j >= 0 for j in src):
+            self.ids[:Bp].copy_(self._fill_pending(self.ids[:Bp], self.src[:Bp], pending))
+
+    def _table_row(self, sid: str) -> np.ndarray:
+        """``sid``'s block table padded with ``-1`` to ``width`` columns, rebuilt only when it
+        changed.  A table changes only at its end (a new block, or a copy on write of the block
+        being written, which is the last), so its length and last block identify it (with the
+        sequence's state object: a preempted request returns with a new one)."""
+        seq = self.blocks.seqs[sid]
+        blocks = seq.blocks
+        cached = self._rows.get(sid)  # (a preempted request comes back with a new SequenceState)
+        if cached is None or cached[3] is not seq or cached[0] != len(blocks) or cached[1] != blocks[-1]:
+            if len(self._rows) > 4 * self.buckets[-1]:  # forget requests that left
+                self._rows = {k: v for k, v in self._rows.items() if k in self.blocks.seqs}
+            row = np.full(self.width, -1, dtype=np.int64)
+            row[:len(blocks)] = blocks
+            cached = self._rows[sid] = (len(blocks), blocks[-1], row, seq)
+        return cached[2]
 
     def _body(self, Bp: int) -> torch.Tensor:
         """The decode step of ``Bp`` rows over the fixed buffers: the model's one forward."""
@@ -149,11 +213,11 @@ class ModelRunner:
             if Bp not in self.graphs:
                 self.capture(Bp)
 
-    def _replay(self, chunks: Sequence[Tuple[object, int]]) -> torch.Tensor:
+    def _replay(self, chunks: Sequence[Tuple[object, int]], pending: Optional[torch.Tensor] = None) -> torch.Tensor:
         Bp = self._bucket(len(chunks))
         if Bp not in self.graphs:
             self.capture(Bp)
-        self._stage(chunks, Bp)
+        self._stage(chunks, Bp, pending)
         graph, out = self.graphs[Bp]
         graph.replay()
         return out[:len(chunks)]

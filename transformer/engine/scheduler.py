@@ -62,6 +62,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.last_pending:  # its final token is being sampled: it leaves when that is read
+                i += 1
+                continue
             n = min(req.num_tokens - req.num_computed, budget)
             need = self.blocks.blocks_needed(req.request_id, n)
             while needs + need > free:
@@ -77,6 +80,8 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if req.num_pending:  # preempted with a token still on the device: recompute needs its value
+                break
             req.num_computed = self.blocks.allocate(req.request_id, req.all_ids)
             n = min(req.num_tokens - req.num_computed, budget)
             need = self.blocks.blocks_needed(req.request_id, n)
