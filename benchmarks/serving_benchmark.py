@@ -181,7 +181,7 @@ def main(argv=None) -> None:
                    help="static batch size(s), one static row each [the engine's --max-num-seqs]")
     p.add_argument("--num-blocks", type=int, default=1024, help="engine KV blocks [1024]")
     p.add_argument("--block-size", type=int, default=16, help="engine block size [16]")
-    p.add_argument("--max-num-seqs", type=int, default=32, help="engine: most requests per step [32]")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="engine: most requests per step [64]")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="engine: most tokens per step [512]")
     p.add_argument("--attention", choices=("auto", "paged", "gather"), default="auto",
                    help="engine decode attention [auto: paged on CUDA, gather on CPU]")

@@ -109,6 +109,20 @@ def test_small_pool_forces_preemption_and_outputs_stay_exact(attention, async_sc
     assert outs == [alone(model, p, 20) for p in prompts]
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_step_of_prompt_chunks_only_samples_nothing(async_scheduling):
+    """A long prompt under a small token budget: its first steps compute chunks and sample no token."""
+    model = MODELS["rope"]
+    prompt = list(range(1, 31))
+    engine = LLMEngine(model, num_blocks=32, block_size=4, max_num_batched_tokens=8, async_scheduling=async_scheduling)
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=3))
+    first = engine.step()
+    assert first == [] if async_scheduling else [o.new_token_ids for o in first] == [[]]
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.pop_finished(rid).output_ids == alone(model, prompt, 3)
+
+
 def test_prefix_cache_skips_the_shared_blocks():
     model = MODELS["learned"]
     prefix = list(range(1, 17))

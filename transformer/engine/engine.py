@@ -193,8 +193,8 @@ class LLMEngine:
                 due.append(i)
         row = {i: k for k, i in enumerate(order)}
         rows = [row[i] for i in due]
-        if rows != list(range(len(order))):  # (a decode-only step samples every row: no copy)
-            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        if due and rows != list(range(len(order))):  # (a decode-only step samples every row: no copy)
+            logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=logits.device))
         tokens = sample_step(logits, [chunks[i][0] for i in due]) if due else None
         for j, i in enumerate(due):
             r = chunks[i][0]
