@@ -75,7 +75,7 @@ from tqdm import tqdm
 from transformer import checkpoint as ckpt_mod
 from transformer import training as T
 from transformer.checkpoint import CheckpointError, load_checkpoint, save_model
-from transformer.config import ACTIVATIONS, NORMS, POS_ENCODINGS, ModelConfig
+from transformer.config import ACTIVATIONS, MLPS, NORMS, POS_ENCODINGS, ModelConfig
 from transformer.data import SEQ2SEQ_TASKS
 from transformer.run_dir import (RunFiles, WriteFailed, check_inputs_outside, write_failure_message,
                                   write_json_atomic, writing)
@@ -84,8 +84,10 @@ from transformer.tasks import TASKS, Task
 #: ModelConfig fields that are not flags: the vocabulary comes from the tokenizer (or the task),
 #: the special ids from the tokenizer's fixed ids.
 _MODEL_FIELDS_NOT_FLAGS = {"vocab_size", "src_vocab_size", "pad_token_id", "bos_token_id", "eos_token_id",
-                           "extra"}
-_MODEL_CHOICES = {"pos_encoding": POS_ENCODINGS, "norm": NORMS, "activation": ACTIVATIONS}
+                           "extra", "rope_scaling"}
+#: ``--mlp swiglu`` is shorthand for ``--mlp gated --activation silu`` (Llama's SwiGLU MLP).
+_MLP_FLAG_CHOICES = MLPS + ("swiglu",)
+_MODEL_CHOICES = {"pos_encoding": POS_ENCODINGS, "norm": NORMS, "activation": ACTIVATIONS, "mlp": _MLP_FLAG_CHOICES}
 #: Flags that may differ from the checkpoint when resuming (they do not change the maths).
 _RESUME_MAY_CHANGE = {"device", "compile", "threads", "out_dir", "resume", "eval_batches"}
 
@@ -182,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         flag = "--" + f.name.replace("_", "-")
         text = helps.get(f.name, f"ModelConfig.{f.name}").replace("%", "%%").replace("``", "")
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool, "Optional[bool]"):
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.type in ("Optional[int]",):
             g.add_argument(flag, type=_optional_int, default=None, metavar="INT", help=text)
@@ -229,6 +231,9 @@ def resolve_configs(args: argparse.Namespace):
             train_over[key] = value
         elif key in model_names:
             model_over[key] = value
+    if model_over.get("mlp") == "swiglu":  # shorthand: the gated MLP with SiLU (Llama, Mistral, Qwen)
+        model_over["mlp"] = "gated"
+        model_over["activation"] = args.activation or "silu"
     train_over.setdefault("model", model_kind)
     if args.model is not None:
         train_over["model"] = args.model

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .layers import Linear, MaskPlan, VarlenMask, apply_rotary
+from .layers import Linear, MaskPlan, VarlenMask, apply_rotary, make_norm
 
 
 _compiled_flex = None
@@ -106,8 +106,15 @@ class Attention(nn.Module):
     """Multi-head (or grouped/multi-query) scaled dot-product attention.
 
     Args:
-        config: model hyper-parameters (``d_model``, ``n_heads``, ``n_kv_heads``, ``bias``...).
+        config: model hyper-parameters (``d_model``, ``n_heads``, ``n_kv_heads``, ``head_dim``,
+            ``bias``/``qkv_bias``, ``qk_norm``...).
         is_cross: build the cross-attention variant (separate query and key/value projections).
+
+    Heads are ``head_dim`` wide; ``n_heads * head_dim`` need not equal ``d_model`` (Qwen3):
+    ``out_proj`` maps the concatenated heads back to ``d_model``.  ``qkv_bias`` puts biases on
+    the query/key/value projection alone (Qwen2).  ``qk_norm`` (Qwen3, self-attention) normalises
+    every query and key head over its ``head_dim`` channels (``q_norm``/``k_norm``, one weight
+    vector shared by all heads) before RoPE, which keeps attention logits from growing.
 
     ``forward(x, ...)``: ``x`` is ``(B, S, d_model)``; returns ``(B, S, d_model)``.
     Cost per token: ``2 * d_model * (n_heads + 2 n_kv_heads) * head_dim`` FLOPs of projections
@@ -120,20 +127,26 @@ class Attention(nn.Module):
         self.is_cross = is_cross
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         if is_cross:
-            self.q_proj = Linear(config.d_model, q_dim, bias=config.bias)
-            self.kv_proj = Linear(config.d_model, 2 * kv_dim, bias=config.bias)
+            self.q_proj = Linear(config.d_model, q_dim, bias=config.attention_bias)
+            self.kv_proj = Linear(config.d_model, 2 * kv_dim, bias=config.attention_bias)
         else:
-            self.qkv_proj = Linear(config.d_model, q_dim + 2 * kv_dim, bias=config.bias)
+            self.qkv_proj = Linear(config.d_model, q_dim + 2 * kv_dim, bias=config.attention_bias)
+        self.q_norm = make_norm(config, self.head_dim) if config.qk_norm and not is_cross else None
+        self.k_norm = make_norm(config, self.head_dim) if config.qk_norm and not is_cross else None
         self.out_proj = Linear(q_dim, config.d_model, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def project_qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Self-attention queries, keys, values of ``x`` ``(B, S, d_model)`` from one fused matmul:
-        ``(B, S, H, D)``, ``(B, S, H_kv, D)``, ``(B, S, H_kv, D)`` (before RoPE)."""
+        ``(B, S, H, D)``, ``(B, S, H_kv, D)``, ``(B, S, H_kv, D)`` (before RoPE; after the
+        per-head ``q_norm``/``k_norm`` when ``config.qk_norm``)."""
         B, S, _ = x.shape
-        return self.qkv_proj(x).view(B, S, self.n_heads + 2 * self.n_kv_heads, self.head_dim).split(
+        q, k, v = self.qkv_proj(x).view(B, S, self.n_heads + 2 * self.n_kv_heads, self.head_dim).split(
             [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
 
     def project_kv(self, memory: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys/values of the encoder output: ``(B, S_src, H_kv, D)`` each."""

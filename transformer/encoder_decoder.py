@@ -32,7 +32,8 @@ class Encoder(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.src_vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if config.pos_encoding == "learned" else None
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta) if config.pos_encoding == "rope" else None
+        self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+                       if config.pos_encoding == "rope" else None)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_encoder_layers))
         self.norm_f = make_norm(config)

@@ -67,25 +67,30 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 _IGNORED_PREFIXES = ("multiple_choice_head.",)
 
 
-class GPT2FormatError(ValueError):
+class CheckpointFormatError(ValueError):
+    """A Hugging Face checkpoint folder this project cannot read (the message says why)."""
+
+
+class GPT2FormatError(CheckpointFormatError):
     """The folder is not a GPT-2 checkpoint this loader can read (the message says why)."""
 
 
 # ---- config ----------------------------------------------------------------------------------
 
-def read_gpt2_config(path: PathLike) -> dict:
-    """The parsed ``config.json`` of the GPT-2 folder ``path``, checked to describe GPT-2.
+def read_config_json(path: PathLike, what: str = "Hugging Face") -> dict:
+    """The parsed ``config.json`` of the Hugging Face model folder ``path`` (a JSON object).
 
     Raises ``FileNotFoundError`` if the folder or its ``config.json`` is missing and
-    :class:`GPT2FormatError` if the JSON is broken or describes another architecture.
+    :class:`GPT2FormatError` (a :class:`CheckpointFormatError`) if the JSON is broken or not an
+    object.  ``what`` names the kind of folder in the messages.
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"GPT-2 path {str(folder)!r} is not a folder; expected a folder with "
+        raise FileNotFoundError(f"{what} path {str(folder)!r} is not a folder; expected a folder with "
                                 f"config.json and model.safetensors (or pytorch_model.bin)")
     file = folder / "config.json"
     if not file.is_file():
-        raise FileNotFoundError(f"no config.json in {str(folder)!r}; a Hugging Face GPT-2 folder has "
+        raise FileNotFoundError(f"no config.json in {str(folder)!r}; a {what} folder has "
                                 f"config.json next to model.safetensors (or pytorch_model.bin)")
     try:
         hf = json.loads(file.read_text())
@@ -93,6 +98,17 @@ def read_gpt2_config(path: PathLike) -> dict:
         raise GPT2FormatError(f"{str(file)!r} is not valid JSON ({e})") from None
     if not isinstance(hf, dict):
         raise GPT2FormatError(f"{str(file)!r} holds a {type(hf).__name__}; expected a JSON object")
+    return hf
+
+
+def read_gpt2_config(path: PathLike) -> dict:
+    """The parsed ``config.json`` of the GPT-2 folder ``path``, checked to describe GPT-2.
+
+    Raises ``FileNotFoundError`` if the folder or its ``config.json`` is missing and
+    :class:`GPT2FormatError` if the JSON is broken or describes another architecture.
+    """
+    hf = read_config_json(path, "GPT-2")
+    file = Path(path) / "config.json"
     model_type, archs = hf.get("model_type"), hf.get("architectures") or []
     if model_type is None and not archs:
         raise GPT2FormatError(f"{str(file)!r} has neither model_type nor architectures; expected "
@@ -194,33 +210,54 @@ def _load_file(file: Path) -> Dict[str, torch.Tensor]:
     return sd
 
 
-def load_gpt2_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
-    """The raw Hugging Face tensors (HF names) of the GPT-2 folder ``path``, on the CPU.
+def weight_files(path: PathLike, allow_pickle: bool = True) -> List[Path]:
+    """The weight files of the Hugging Face folder ``path``, in reading order.
 
-    Reads the first of :data:`WEIGHT_FILES` present; an ``*.index.json`` names the shards of a
-    sharded checkpoint.  Raises ``FileNotFoundError`` naming the files looked for.
+    The first of :data:`WEIGHT_FILES` present: one file, or the shards an ``*.index.json``
+    names (its ``weight_map``: tensor name -> shard file).  With ``allow_pickle=False`` only
+    safetensors are looked for, and a folder holding only ``pytorch_model.bin`` weights is
+    refused with :class:`CheckpointFormatError` rather than unpickled.  Raises
+    ``FileNotFoundError`` naming the files looked for (or a missing shard).
     """
     folder = Path(path)
-    for name in WEIGHT_FILES:
+    names = WEIGHT_FILES if allow_pickle else tuple(n for n in WEIGHT_FILES if "safetensors" in n)
+    for name in names:
         file = folder / name
         if not file.is_file():
             continue
         if not name.endswith(".index.json"):
-            return _load_file(file)
+            return [file]
         try:
             shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise GPT2FormatError(f"{str(file)!r} is not a shard index with a weight_map ({e!r})") from None
-        sd: Dict[str, torch.Tensor] = {}
         for shard in shards:
             if not (folder / shard).is_file():
                 raise FileNotFoundError(f"shard {shard!r} listed in {str(file)!r} is missing")
-            sd.update(_load_file(folder / shard))
-        return sd
-    present = sorted(p.name for p in folder.iterdir())
-    raise FileNotFoundError(f"no weights in {str(folder)!r}: looked for {list(WEIGHT_FILES)}, found {present}"
+        return [folder / shard for shard in shards]
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    pickled = [n for n in WEIGHT_FILES if "safetensors" not in n and n in present]
+    if pickled and not allow_pickle:
+        raise CheckpointFormatError(
+            f"{str(folder)!r} holds only pickled weights ({pickled}); they are refused here (unpickling can run "
+            f"code). Convert them to model.safetensors (safetensors.torch.save_file) or, for GPT-2, use "
+            f"transformer.gpt2.load_gpt2_model")
+    raise FileNotFoundError(f"no weights in {str(folder)!r}: looked for {list(names)}, found {present}"
                             + (" (TensorFlow/Flax weights are not supported)" if any(
                                 p.endswith((".h5", ".msgpack")) for p in present) else ""))
+
+
+def load_gpt2_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
+    """The raw Hugging Face tensors (HF names) of the GPT-2 folder ``path``, on the CPU.
+
+    Reads the first of :data:`WEIGHT_FILES` present; an ``*.index.json`` names the shards of a
+    sharded checkpoint (see :func:`weight_files`).  Raises ``FileNotFoundError`` naming the
+    files looked for.
+    """
+    sd: Dict[str, torch.Tensor] = {}
+    for file in weight_files(path):
+        sd.update(_load_file(file))
+    return sd
 
 
 def _expected_shapes(c: ModelConfig) -> Dict[str, Tuple[int, ...]]:

@@ -66,34 +66,80 @@ def make_norm(config: ModelConfig, d: Optional[int] = None) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """The position-wise feed-forward network: ``Linear -> activation -> Linear``.
+    """The position-wise feed-forward network, standard or gated (``config.mlp``).
+
+    * ``"standard"`` (GPT-2): ``fc_out(act(fc_in(x)))``, ``fc_in`` of width ``d_ff``.
+    * ``"gated"`` (GLU; SwiGLU with ``silu``: Llama, Mistral, Qwen):
+      ``fc_out(act(gate(x)) * up(x))``.  ``gate`` and ``up`` are fused into one ``fc_in`` of
+      width ``2 * d_ff`` (columns ``[gate | up]``), so both come from one matrix product, as
+      ``qkv_proj`` fuses the attention projections; Hugging Face's ``gate_proj``/``up_proj``/
+      ``down_proj`` load into ``fc_in``'s two halves and ``fc_out``.
 
     Shape: ``(B, S, d_model)`` -> ``(B, S, d_model)``; hidden width ``config.d_ff``.
-    Cost: ``4 * d_model * d_ff`` FLOPs per token.
+    Cost: ``4 * d_model * d_ff`` FLOPs per token, ``6 * d_model * d_ff`` gated.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.fc_in = Linear(config.d_model, config.d_ff, bias=config.bias)
+        self.gated = config.mlp == "gated"
+        self.fc_in = Linear(config.d_model, (2 if self.gated else 1) * config.d_ff, bias=config.bias)
         self.fc_out = Linear(config.d_ff, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.activation = config.activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc_in(x)
-        if self.activation == "gelu":
-            h = F.gelu(h)
-        elif self.activation == "gelu_tanh":
-            h = F.gelu(h, approximate="tanh")
-        elif self.activation == "relu":
-            h = F.relu(h)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = activate(gate, self.activation) * up
         else:
-            h = F.silu(h)
+            h = activate(h, self.activation)
         return self.dropout(self.fc_out(h))
+
+
+def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """``config.activation`` applied to ``h`` (any shape; elementwise)."""
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if activation == "relu":
+        return F.relu(h)
+    return F.silu(h)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict] = None, device=None) -> torch.Tensor:
+    """RoPE's ``head_dim / 2`` angular frequencies ``theta ** (-2i / head_dim)``, float32.
+
+    Channel pair ``i`` turns by ``position * freq[i]`` radians: pair 0 once per token, the last
+    pairs barely at all (wavelengths up to ``2 pi theta`` tokens).  ``scaling`` (a validated
+    ``ModelConfig.rope_scaling``) stretches them for a longer context; ``"llama3"`` (Llama 3.1)
+    divides the *low* frequencies by ``factor`` (wavelength longer than
+    ``original_max_position_embeddings / low_freq_factor``: they never made a full turn in
+    training, so slowing them keeps new positions inside angles seen in training), keeps the
+    high ones (wavelength shorter than ``original / high_freq_factor``: local order), and blends
+    linearly in between.  Same arithmetic as ``transformers``' ``_compute_llama3_parameters``.
+    """
+    freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    if scaling is None:
+        return freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / freq
+    scaled = torch.where(wavelen > old_len / low, freq / factor, freq)
+    smooth = (old_len / wavelen - low) / (high - low)  # 0 at the low edge, 1 at the high edge
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
 
 
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (RoPE, Su et al. 2021), "rotate-half" (GPT-NeoX) form.
+
+    "Rotate-half" pairs channel ``i`` with channel ``i + head_dim/2`` (not ``2i`` with ``2i+1``
+    as the RoPE paper and Meta's original Llama code do).  Hugging Face's Llama-family
+    checkpoints are stored for this form (their conversion script permuted Meta's q/k rows), so
+    they load without any permutation.
 
     RoPE encodes position by rotating each pair of query/key channels by an angle
     proportional to the position, so ``q_m . k_n`` depends only on ``m - n``.  Keys are cached
@@ -104,14 +150,18 @@ class RotaryEmbedding(nn.Module):
     any position works, also beyond ``max_seq_len``.
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: Optional[dict] = None):
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
         self.register_buffer("inv_freq", self._frequencies(), persistent=False)
 
     def _frequencies(self, device=None) -> torch.Tensor:
-        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
-                                     / self.head_dim))
+        return rope_frequencies(self.head_dim, self.theta, self.scaling, device)
+
+    def reset_frequencies(self, device=None) -> None:
+        """Recompute ``inv_freq`` (float32) on ``device``: after the model was built on the
+        ``meta`` device and materialised with ``to_empty``, which leaves buffers uninitialised."""
+        self.inv_freq = self._frequencies(device)
 
     def forward(self, position_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq

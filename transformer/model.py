@@ -68,7 +68,8 @@ class TokenDecoder(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if config.pos_encoding == "learned" else None
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta) if config.pos_encoding == "rope" else None
+        self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+                       if config.pos_encoding == "rope" else None)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, cross=cross) for _ in range(config.n_layers))
         self.norm_f = make_norm(config)
@@ -174,6 +175,15 @@ class DecoderOnlyTransformer(nn.Module):
         ``pytorch_model.bin``) without ``transformers``; eval mode.  See :mod:`transformer.gpt2`."""
         from .gpt2 import load_gpt2_model
         return load_gpt2_model(path, device=device, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu") -> "DecoderOnlyTransformer":
+        """Load a local Hugging Face folder (``config.json`` + safetensors, one file or shards) of
+        ``model_type`` gpt2, llama, mistral, qwen2 or qwen3, without ``transformers`` and without
+        unpickling; ``dtype`` ``None`` = the folder's own.  Eval mode; peak memory about the
+        weights plus one shard.  See :func:`transformer.hf_models.load_pretrained`."""
+        from .hf_models import load_pretrained
+        return load_pretrained(path, dtype=dtype, device=device)
 
     def forward(self, input_ids, cache=None, cache_position=None, attention_mask=None, position_ids=None,
                 num_logits_to_keep: int = 0):
