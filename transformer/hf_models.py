@@ -48,7 +48,6 @@ Entry points: :func:`load_pretrained` (also ``DecoderOnlyTransformer.from_pretra
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Dict, NamedTuple, Optional, Union
 
@@ -220,25 +219,35 @@ def _copy_weights(model: DecoderOnlyTransformer, path: PathLike, mt: str) -> Non
     targets = weight_targets(model.config)
     missing = set(targets)
     for file in weight_files(path, allow_pickle=False):
-        shard = _load_file(file)
-        unexpected = [k for k in shard if k not in targets and not k.endswith(_IGNORED_SUFFIXES)
-                      and not (k == "lm_head.weight" and model.config.tie_embeddings)]
-        if unexpected:
-            raise CheckpointFormatError(f"{mt} weights in {file.name!r} have {len(unexpected)} unexpected key(s) "
-                                        f"for this config ({model.config.n_layers} layers), e.g. {unexpected[:5]}")
-        for name in [k for k in shard if k in targets]:
-            t, target = shard.pop(name), targets[name]
-            src, dst = (t.T if target.transpose else t), target.view(params[target.param])
-            if src.shape != dst.shape:
-                shape = tuple(dst.T.shape if target.transpose else dst.shape)
-                raise CheckpointFormatError(f"{mt} weight {name!r} has shape {tuple(t.shape)}; expected {shape} "
-                                            f"from config.json")
-            dst.copy_(src)
-            missing.discard(name)
-        del shard  # freed before the next shard is read
+        # in a function of its own, so nothing of this shard outlives the call: the next shard
+        # is read only after every tensor of this one is freed
+        missing -= _copy_shard(_load_file(file), file.name, params, targets, model.config, mt)
     if missing:
         raise CheckpointFormatError(f"{mt} weights lack {len(missing)} key(s) for this config, "
                                     f"e.g. {sorted(missing)[:5]}")
+
+
+def _copy_shard(shard: Dict[str, torch.Tensor], name: str, params: Dict[str, torch.nn.Parameter],
+                targets: Dict[str, Target], config: ModelConfig, mt: str) -> set:
+    """Copy the tensors of one shard (HF name -> tensor) into ``params``; the names copied."""
+    unexpected = [k for k in shard if k not in targets and not k.endswith(_IGNORED_SUFFIXES)
+                  and not (k == "lm_head.weight" and config.tie_embeddings)]
+    if unexpected:
+        raise CheckpointFormatError(f"{mt} weights in {name!r} have {len(unexpected)} unexpected key(s) "
+                                    f"for this config ({config.n_layers} layers), e.g. {unexpected[:5]}")
+    done = set()
+    for key, t in shard.items():
+        target = targets.get(key)
+        if target is None:
+            continue
+        src, dst = (t.T if target.transpose else t), target.view(params[target.param])
+        if src.shape != dst.shape:
+            shape = tuple(dst.T.shape if target.transpose else dst.shape)
+            raise CheckpointFormatError(f"{mt} weight {key!r} has shape {tuple(t.shape)}; expected {shape} "
+                                        f"from config.json")
+        dst.copy_(src)
+        done.add(key)
+    return done
 
 
 def load_pretrained(path: PathLike, dtype: Union[torch.dtype, str, None] = None,
@@ -277,5 +286,3 @@ def load_pretrained(path: PathLike, dtype: Union[torch.dtype, str, None] = None,
     _copy_weights(model, path, mt)
     return model.eval()
 
-
-_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")  # (for readers: how HF numbers its layers)
