@@ -156,3 +156,17 @@ def test_serving_benchmark_times_transformers_continuous_batching_on_the_same_we
     # a GPT-2 built and saved by transformers, loaded here: both libraries give generate()'s tokens
     assert all(r["same_tokens_as_one_at_a_time"] == 1.0 for r in rows.values())
     assert _positive(rows["transformers"]["tokens_per_s"])
+
+
+def test_llama_decode_benchmark_quick_rows_and_bandwidth(tmp_path, capsys):
+    """The Llama-shape decode benchmark runs its systems in subprocesses and fills every row."""
+    from benchmarks import llama_decode_benchmark as bench
+    out = tmp_path / "llama.json"
+    result = bench.main(["--quick", "--device", "cpu", "--no-compile", "--batches", "1,2", "--new-tokens", "3",
+                         "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    assert [(r["system"], r["batch"]) for r in result["rows"]] == [("ours", 1), ("ours", 2)]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["pct_copy"] for r in result["rows"])
+    assert out.is_file() and "| ours" in out.with_suffix(".md").read_text()
+    # the bytes a step reads: Llama-3.2-1B's 1.236B parameters in bf16, plus the cache
+    assert abs(bench.step_bytes(bench.LLAMA_1B, 1, 0) / 2 - 1.2359e9) < 1e6
+    assert bench.step_bytes(bench.LLAMA_1B, 2, 10) - bench.step_bytes(bench.LLAMA_1B, 1, 10) == 2 * 16 * 512 * 10 * 2

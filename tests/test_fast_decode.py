@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 
+import re
+
 import pytest
 import torch
 
@@ -153,6 +155,18 @@ def test_replaced_parameters_are_detected():
 
 
 # --------------------------------------------------------------------------- sampling on the device
+def test_noise_constants_fit_in_int32():
+    """Inductor's Triton kernels index small tensors with int32; a hash constant >= 2^31 then
+    failed to compile on an H200 ("Scalar 2654435761 is out of range for type int32") at batch
+    16 -- a GPU-only failure, so the invariant that prevents it is pinned here."""
+    import inspect
+    from transformer import fast_decode
+    assert fast_decode._ROW_STRIDE % 2 == 1 and fast_decode._ROW_STRIDE < 2 ** 31
+    source = inspect.getsource(fast_decode._mix32) + inspect.getsource(fast_decode.uniform_noise)
+    constants = [int(c, 16) for c in re.findall(r"0x[0-9A-Fa-f]+", source)]
+    assert constants and all(c < 2 ** 31 for c in constants), constants
+
+
 def test_uniform_noise_is_a_pure_function_in_the_open_unit_interval():
     seed, c = torch.tensor([12345]), torch.tensor([7])
     u = uniform_noise(seed, c, 64, 1000)

@@ -66,6 +66,10 @@ from kv_cache.basic.compiled_static import FixedShapeKVCache
 from .sampling import SamplingSettings, process_logits
 
 _M32 = 0xFFFFFFFF
+#: Odd constant spreading row indices before hashing (2^32 / golden ratio, negated mod 2^32).  It
+#: must fit in an int32: inductor indexes small tensors with int32 in Triton, and a larger
+#: constant (0x9E3779B1 was used before) fails to compile there for batches > 1.
+_ROW_STRIDE = 0x61C88647
 
 
 # --------------------------------------------------------------------------- sampling on the device
@@ -93,7 +97,7 @@ def uniform_noise(seed: torch.Tensor, counter: torch.Tensor, batch: int, vocab: 
     dev = seed.device
     step = _mix32((seed ^ _mix32(counter & _M32)) & _M32)  # (1,)
     rows = torch.arange(batch, device=dev)
-    row_key = _mix32((step + rows * 0x9E3779B1) & _M32)  # (B,)
+    row_key = _mix32((step + rows * _ROW_STRIDE) & _M32)  # (B,)
     cols = torch.arange(vocab, device=dev)
     bits = _mix32(row_key[:, None] ^ cols)  # (B, V)
     return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
