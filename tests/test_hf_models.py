@@ -330,3 +330,17 @@ def test_pickled_weights_are_refused_not_unpickled(folders, tmp_path):
         load_pretrained(folder)
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_a_loaded_model_saves_and_reloads_as_this_projects_checkpoint(folders, tmp_path, kind):
+    """Every new config field (gated MLP, head_dim, q/k norms, RoPE scaling) survives the
+    project's own checkpoint format, so ``generate.py --checkpoint`` runs a converted model."""
+    from transformer.checkpoint import load_model, save_model
+    model = load_pretrained(folders[kind][1])
+    save_model(tmp_path / "ck", model)
+    again, _, _ = load_model(tmp_path / "ck")
+    assert again.config == model.config
+    ids = _prompts()
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
