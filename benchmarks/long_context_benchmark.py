@@ -21,8 +21,8 @@ What is measured
    cache, attend with ``scaled_dot_product_attention``; median and fastest step are reported
    (the fastest is the least disturbed by other processes on a shared machine).  ``full`` is a preallocated
    ``StaticKVCache`` (memory column: the bytes of the tokens it holds); ``sliding_window`` and
-   ``linear`` keep ``--window`` tokens, ``sinks`` 4 + ``window - 4`` and rotates every returned
-   key each step (StreamingLLM's positions); ``linear`` runs ``linear_kv_cache_attention`` with
+   ``linear`` keep ``--window`` tokens, ``sinks`` 4 + ``window - 4`` (StreamingLLM's positions: keys are
+   rotated once, at their absolute position, and only the 4 sink keys are re-rotated each step); ``linear`` runs ``linear_kv_cache_attention`` with
    a random importance per token; ``quantized-8/4`` store everything in 8/4 bits (groups of 32,
    32 exact recent tokens) and dequantize the history each step.
 2. **Perplexity past the training context** (context ``C`` = the model's ``max_seq_len``): the
@@ -59,6 +59,7 @@ from benchmarks.common import format_machine, machine_description, markdown_tabl
 from kv_cache import (DynamicKVCache, LinearKVCache, QuantizedKVCache, SinkKVCache, SlidingWindowKVCache,
                       StaticKVCache, linear_kv_cache_attention)
 from transformer import DecoderOnlyTransformer, ModelConfig
+from transformer.attention import _rotate_front
 from transformer.layers import RotaryEmbedding, apply_rotary
 
 ATTENTION_KINDS = ("full", "sliding_window", "sinks", "linear", "quantized-8", "quantized-4")
@@ -128,17 +129,12 @@ def attention_step(kind, cache, q, k, v, t: int, rotary: RotaryEmbedding, import
     if kind == "linear":  # dynamic-mask attention: an importance bias, no rotary embedding
         return linear_kv_cache_attention(q, k, v, importance, cache, cache.keep_window_size, t)[0]
     bshd = lambda x: x.transpose(1, 2)  # noqa: E731  (apply_rotary wants (B, S, H, D))
-    if cache.positions_in_cache:  # StreamingLLM: cache raw keys, rotate by position inside the cache
-        keys, values = cache.update(k, v, 0)
-        n = keys.shape[2]
-        cos, sin = rotary(torch.arange(cache.get_max_cache_shape() + 1)[None])
-        where = cache.key_positions(0, in_cache=True)
-        keys = apply_rotary(keys, cos[0, :, 0][where], sin[0, :, 0][where])  # (n, D/2) broadcast over bhsd
-        q = bshd(apply_rotary(bshd(q), cos[:, n - 1:n], sin[:, n - 1:n]))
-    else:
-        cos, sin = rotary(torch.tensor([[t]]))
-        q, k = bshd(apply_rotary(bshd(q), cos, sin)), bshd(apply_rotary(bshd(k), cos, sin))
-        keys, values = cache.update(k, v, 0)
+    cos, sin = rotary(torch.tensor([[t]], device=q.device))
+    q, k = bshd(apply_rotary(bshd(q), cos, sin)), bshd(apply_rotary(bshd(k), cos, sin))
+    keys, values = cache.update(k, v, 0)
+    owed = cache.rotary_offsets(0)
+    if owed is not None:  # StreamingLLM's sinks: only they are re-rotated, O(num_sink_tokens)
+        _rotate_front(keys, owed, rotary)
     return F.scaled_dot_product_attention(q, keys, values)
 
 

@@ -309,7 +309,7 @@ def test_slot_view_writes_at_tensor_slots_and_reports_slot_positions():
     assert torch.equal(keys[:, :, 3:5], k) and torch.equal(values[:, :, 3:5], -k)
     assert torch.equal(cache.keys[1][:, :, 3:5], k)  # written into the cache itself
     assert view.key_positions(0).tolist() == view.key_positions(1).tolist() == list(range(6))
-    assert view.retention_mask(torch.arange(2), torch.arange(6)) is None and view.rotary_positions(0) is None
+    assert view.retention_mask(torch.arange(2), torch.arange(6)) is None and view.rotary_offsets(0) is None
     assert view.get_max_cache_shape() == 6 and cache.slots_view().get_max_cache_shape() == 10
     with pytest.raises(ValueError, match="cache_position"):
         view.update(k, k, 0)  # slots are data, never a host-side length

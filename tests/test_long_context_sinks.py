@@ -84,16 +84,74 @@ def test_a_prompt_that_fits_is_exactly_full_attention(pos):
     torch.testing.assert_close(out.logits, ref.logits, atol=ATOL, rtol=0)  # 24 tokens < 4 + 20: nothing evicted
 
 
-def test_keys_are_cached_before_rotation():
+def test_keys_are_rotated_once_and_only_the_sinks_owe_a_rotation():
     model = tiny_decoder("mha", "rope")
-    ids = torch.randint(0, 61, (1, 9))
+    ids = torch.randint(0, 61, (1, 40))
     sink, dyn = SinkKVCache(2, 16), DynamicKVCache()
-    model(ids, cache=sink)
+    for t in range(40):
+        model(ids[:, t:t + 1], cache=sink)
     model(ids, cache=dyn)
-    raw, rotated = sink.get(0)[0], dyn.get(0)[0]
-    assert not torch.allclose(raw, rotated, atol=1e-3)
-    cos, sin = model.decoder.rotary(torch.arange(9)[None])
-    torch.testing.assert_close(apply_rotary(raw.transpose(1, 2), cos, sin).transpose(1, 2), rotated)
+    assert sink.rotary_offsets(0).tolist() == [22, 22]  # 40 - (2 + 16) tokens dropped: sinks move 22 closer
+    kept = sink.key_positions(0)  # ring order
+    stored, full = sink.get(0)[0], dyn.get(0)[0]  # get(): the sinks as handed over, rotated at 0 and 1
+    torch.testing.assert_close(stored, full[:, :, kept], atol=1e-6, rtol=0)  # every key: its own rotation, once
+
+
+@torch.no_grad()
+def old_rerotating_attention(q_raw, k_raw, v, kept, visible):
+    """The definition before #18, one layer: keys cached *unrotated*; every step each returned key
+    is rotated at its rank among the returned keys and the ``S`` queries at the last ``S`` ranks."""
+    from transformer.layers import RotaryEmbedding
+    n, S = kept.numel(), q_raw.shape[1]
+    cos, sin = RotaryEmbedding(q_raw.shape[-1])(torch.arange(n)[None])
+    K = apply_rotary(k_raw[:, kept], cos, sin)
+    Q = apply_rotary(q_raw, cos[:, n - S:], sin[:, n - S:])
+    scores = torch.einsum("bshd,bnhd->bhsn", Q, K) / math.sqrt(q_raw.shape[-1])
+    return torch.einsum("bhsn,bnhd->bshd", scores.masked_fill(~visible, float("-inf")).softmax(-1), v[:, kept])
+
+
+@pytest.mark.parametrize("chunks", [[7] + [1] * 400, [3, 1, 50, 1, 1, 9] + [1] * 120 + [33] + [1] * 60])
+def test_one_layer_equals_the_old_rerotate_everything_definition(chunks):
+    """The model's attention path (keys rotated at absolute positions before ``update``, sinks
+    rotated by ``rotary_offsets`` in place, queries at their absolute positions) against the
+    old definition, step by step, far past the cache size."""
+    from transformer.attention import _rotate_front
+    from transformer.layers import RotaryEmbedding
+    sinks, window, H, D = 4, 24, 3, 16
+    g = torch.Generator().manual_seed(0)
+    T = sum(chunks)
+    q_raw, k_raw, v = (torch.randn(1, T, H, D, generator=g) for _ in range(3))
+    rotary, cache, t0 = RotaryEmbedding(D), SinkKVCache(sinks, window), 0
+    for S in chunks:
+        cos, sin = rotary(torch.arange(t0, t0 + S)[None])
+        q, k = apply_rotary(q_raw[:, t0:t0 + S], cos, sin), apply_rotary(k_raw[:, t0:t0 + S], cos, sin)
+        keys, values = cache.update(k.transpose(1, 2), v[:, t0:t0 + S].transpose(1, 2), 0)
+        owed = cache.rotary_offsets(0)
+        if owed is not None:
+            _rotate_front(keys, owed, rotary)
+        pos = cache.key_positions(0)
+        qpos = torch.arange(t0, t0 + S)
+        allowed = (pos[None] <= qpos[:, None]) & cache.retention_mask(qpos, pos)
+        got = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
+                                                               attn_mask=allowed).transpose(1, 2)
+        kept = torch.tensor(returned_set(t0, S, sinks, window))
+        order = torch.argsort(pos)  # the cache returns ring order; the old definition time order
+        assert torch.equal(pos[order], kept)
+        q_abs = qpos[:, None]
+        visible = (kept[None] <= q_abs) & ((kept[None] < sinks) | (q_abs - kept[None] < window))
+        want = old_rerotating_attention(q_raw[:, t0:t0 + S], k_raw[:, :t0 + S], v[:, :t0 + S], kept, visible)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+        t0 += S
+    assert t0 > 8 * (sinks + window)  # the sinks really moved: far more tokens than the cache holds
+
+
+def test_generate_equals_the_naive_streaming_reference_far_past_the_cache():
+    model = tiny_decoder("gqa", "rope")
+    prompt = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(3))
+    out = model.generate(prompt, 120, cache_implementation=SinkKVCache(3, 10), output_logits=True,
+                         eos_token_id=None)
+    ref = naive_streaming_logits(model, out.sequences, 3, 10, [9] + [1] * 119)
+    torch.testing.assert_close(out.logits, ref[:, 8:], atol=ATOL, rtol=0)
 
 
 def test_generation_far_past_the_context_keeps_positions_inside_the_cache():
@@ -106,7 +164,8 @@ def test_generation_far_past_the_context_keeps_positions_inside_the_cache():
     ranks = cache.key_positions(0, in_cache=True)
     assert sorted(ranks.tolist()) == list(range(24))  # positions 0..23, never 157
     assert cache.stored_positions(0).tolist() == [0, 1, 2, 3] + list(range(137, 157))
-    assert cache.memory_bytes() == 2 * 2 * (2 * 24 * 8 * 4) + 2 * 24 * 8  # fixed: 2 layers, k+v, positions
+    # fixed: 2 layers x (keys + values + positions + the 4 sink keys as handed over)
+    assert cache.memory_bytes() == 2 * 2 * (2 * 24 * 8 * 4) + 2 * 24 * 8 + 2 * (2 * 4 * 8 * 4)
 
 
 def test_zero_sinks_is_a_plain_window_because_rope_is_relative():

@@ -94,12 +94,16 @@ def _from_bshd(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t.transpose(1, 2) if layout == "bhsd" else t
 
 
-def _angles(table: torch.Tensor, positions: torch.Tensor, heads_at: int) -> torch.Tensor:
-    """Rows ``positions`` (``(n,)`` or ``(B, n)``) of a ``(L, D/2)`` angle table, shaped to
-    broadcast over a tensor whose heads axis is ``heads_at`` (from the end: -3 for ``(B, H, n,
-    D)`` keys, -2 for ``(B, S, H, D)`` queries)."""
-    rows = table[positions]  # (n, D/2) or (B, n, D/2)
-    return rows.unsqueeze(heads_at) if rows.dim() >= -heads_at else rows
+def _rotate_front(k: torch.Tensor, offsets: torch.Tensor, rotary) -> None:
+    """Rotate the first ``m = len(offsets)`` keys of ``k`` ``(B, H_kv, n, D)`` *in place* by
+    ``offsets`` ``(m,)`` more positions (rotations compose: a key rotated at ``j`` becomes one
+    rotated at ``j + offset``).  Used for the rotations a cache says its returned keys still owe
+    (``cache.rotary_offsets``: the sinks of ``SinkKVCache``, whose returned slots are scratch
+    copies).  Cost: ``O(m * H_kv * D)``."""
+    m = offsets.shape[-1]
+    cos, sin = rotary(offsets.view(1, m))  # (1, m, 1, D/2)
+    front = k[:, :, :m]
+    front.copy_(apply_rotary(front.transpose(1, 2), cos, sin).transpose(1, 2))
 
 
 class Attention(nn.Module):
@@ -174,8 +178,8 @@ class Attention(nn.Module):
                 from the positions the cache reports), a boolean ``(B or 1, 1, S, kv_len)``
                 tensor (``True`` = may attend), or ``None`` (attend to every key).
             rope: ``(cos, sin)`` of the new tokens' positions, from ``rotary``, or ``None``.
-            rotary: the :class:`~transformer.layers.RotaryEmbedding`, for a cache that gives
-                other rotary positions after its update (``cache.rotary_positions``).
+            rotary: the :class:`~transformer.layers.RotaryEmbedding`, for a cache whose returned
+                keys still owe a rotation after its update (``cache.rotary_offsets``).
             cache: self-attention: a ``kv_cache.Cache``; cross-attention: an
                 ``EncoderDecoderCache`` (its cross half is filled once, then reused).
             layer_idx: which layer of the cache this module owns.
@@ -189,11 +193,7 @@ class Attention(nn.Module):
             k, v = self._cross_kv(memory, cache, layer_idx)
         else:
             q, k, v = self.project_qkv(x)
-            # Usually keys are rotated once, at their absolute position, and cached rotated; a
-            # cache that gives rotary positions of its own (StreamingLLM) takes them unrotated
-            # and, after its update, says where to rotate the keys it returns and the queries.
-            late = None if cache is None or rope is None else cache.rotary_positions(layer_idx)
-            if rope is not None and late is None:
+            if rope is not None:  # keys are rotated once, at their position, and cached rotated
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             if cache is None:
                 k, v = k.transpose(1, 2), v.transpose(1, 2)
@@ -201,11 +201,9 @@ class Attention(nn.Module):
                 layout = cache.layout
                 k, v = cache.update(_from_bshd(k, layout), _from_bshd(v, layout), layer_idx, cache_position)
                 k, v = _to_bhsd(k, layout), _to_bhsd(v, layout)
-                if late is not None:
-                    key_pos, query_pos = cache.rotary_positions(layer_idx)  # those of this update, in 0..n-1
-                    cos, sin = rotary.table(k.shape[2], k.device)  # (n, D/2)
-                    k = apply_rotary(k, _angles(cos, key_pos, -3), _angles(sin, key_pos, -3))  # k: (B, H_kv, n, D)
-                    q = apply_rotary(q, _angles(cos, query_pos, -2), _angles(sin, query_pos, -2))  # q: (B, S, H, D)
+                owed = None if rope is None else cache.rotary_offsets(layer_idx)
+                if owed is not None:  # a cache whose kept keys move (StreamingLLM's sinks): O(len(owed))
+                    _rotate_front(k, owed, rotary)
         if isinstance(mask, MaskPlan):
             # built once per forward, shared by the layers: an additive tensor, or the compressed
             # mask of packed sequences (VarlenMask), or a BlockMask over a paged pool

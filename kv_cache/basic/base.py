@@ -277,8 +277,8 @@ class Cache(ABC):
     #: (see "Caches that drop tokens" below).
     is_lossless: bool = True
     #: StreamingLLM's positions (Xiao et al. 2023, section 3.3), for readers: True if the cache
-    #: stores keys *before* rotation and gives their rotary positions inside the cache through
-    #: :meth:`rotary_positions` (what models use; they test no flag).
+    #: gives its keys the rotary distances of their positions inside the cache, through
+    #: :meth:`rotary_offsets` (what models use; they test no flag).
     positions_in_cache: bool = False
 
     # ------------------------------------------------------------------ caches that drop tokens
@@ -297,7 +297,7 @@ class Cache(ABC):
         ``in_cache=False``: absolute positions (token slots, what ``cache_position`` counts) --
         the model builds its attention mask from them.  ``in_cache=True``: rank of each key
         among the returned keys, oldest 0 (StreamingLLM's positions, see
-        :meth:`rotary_positions`).  Shape ``(n,)`` shared by every batch row (a cache whose
+        :meth:`rotary_offsets`).  Shape ``(n,)`` shared by every batch row (a cache whose
         rows or heads keep different tokens may return ``(B, n)`` or ``(B, H, n)``).
         Default, for lossless caches: ``arange(n)`` for both.  Cost: ``O(n)`` integers.
         Every cache answers, lossless or not: a model builds every mask from it.
@@ -332,15 +332,15 @@ class Cache(ABC):
             memo = self._positions_memo = (first, n), torch.arange(first, first + n, device=device)
         return memo[1]
 
-    def rotary_positions(self, layer_idx: int) -> Optional[Tuple[Tensor, Tensor]]:
-        """Rotary positions a model must use for this cache, or ``None`` (the usual case).
+    def rotary_offsets(self, layer_idx: int) -> Optional[Tensor]:
+        """Rotations the keys returned by the last update of ``layer_idx`` still owe, or ``None``.
 
-        ``None``: keys are rotated at their absolute position *before* ``update`` and stored
-        rotated (a key's position never changes, so its rotation is paid once).  A cache whose
-        positions move (StreamingLLM's positions inside the cache) answers ``(keys (n,) or (B,
-        n), queries (S,) or (B, S))`` instead -- for every layer, always: it takes keys
-        *unrotated*, and after an update the answer gives the positions to rotate the ``n``
-        returned keys and the ``S`` new queries by.  Cost: ``O(n)`` integers.
+        ``None`` (the usual case): keys are rotated at their position *before* ``update`` and
+        stored rotated -- a key's position never changes, so its rotation is paid once.  A cache
+        whose kept keys move (StreamingLLM's positions inside the cache) answers ``offsets``
+        ``(m,)``: the first ``m`` returned keys are scratch copies that the model rotates in
+        place by ``offsets`` more positions (a key rotated at ``j`` becomes one rotated at ``j +
+        offset``).  ``m`` is small (the sinks), so this is ``O(m)`` per layer and step.
         """
         return None
 

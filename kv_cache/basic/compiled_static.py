@@ -138,7 +138,7 @@ class SlotView:
     * ``key_positions(layer_idx)`` is ``arange(kv_len)``: slot ``j`` holds position ``j``.  The
       model's causal mask (key position <= query position) hides the slots after each query's
       own, which are empty or hold tokens of an earlier sequence;
-    * ``retention_mask`` and ``rotary_positions`` are ``None``: every token is kept, exactly.
+    * ``retention_mask`` and ``rotary_offsets`` are ``None``: every token is kept, exactly.
 
     There is no host-side length: ``get_seq_length`` raises, so a model must be given
     ``cache_position`` (the slots) as a tensor.  Host bookkeeping after a run of steps is
@@ -172,7 +172,7 @@ class SlotView:
         """``None``: the cache keeps every token; causality alone decides."""
         return None
 
-    def rotary_positions(self, layer_idx: int) -> None:
+    def rotary_offsets(self, layer_idx: int) -> None:
         """``None``: keys are rotated at their absolute position before :meth:`update`."""
         return None
 

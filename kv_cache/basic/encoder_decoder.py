@@ -119,9 +119,9 @@ class EncoderDecoderCache(Cache):
         """Positions of the self-attention keys of ``layer_idx`` (see ``Cache.key_positions``)."""
         return self.self_attention_cache.key_positions(layer_idx, in_cache)
 
-    def rotary_positions(self, layer_idx):
-        """The self-attention cache's rotary positions (``None`` for the usual caches)."""
-        return self.self_attention_cache.rotary_positions(layer_idx)
+    def rotary_offsets(self, layer_idx):
+        """Rotations the self-attention cache's keys still owe (``None`` for the usual caches)."""
+        return self.self_attention_cache.rotary_offsets(layer_idx)
 
     def retention_mask(self, query_positions, key_positions):
         """The self-attention cache's retention mask (``None`` for caches that drop nothing)."""

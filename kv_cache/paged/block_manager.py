@@ -316,7 +316,7 @@ class PagedBatch:
             return None
         return self.query_seq.unsqueeze(-1) == self.key_seq.unsqueeze(-2)
 
-    def rotary_positions(self, layer_idx: int) -> None:
+    def rotary_offsets(self, layer_idx: int) -> None:
         """``None``: keys are rotated at their position before :meth:`update`."""
         return None
 
@@ -385,7 +385,7 @@ class PagedBlocks:
         """``None``: a row reads only its own blocks (the block table says which)."""
         return None
 
-    def rotary_positions(self, layer_idx: int) -> None:
+    def rotary_offsets(self, layer_idx: int) -> None:
         """``None``: keys are rotated at their position before :meth:`update`."""
         return None
 
