@@ -15,6 +15,7 @@ Examples::
     python generate.py --cache sinks --window 252 --max-new-tokens 2000      # stream past the context
     python generate.py --cache quantized --kv-bits 4
     python generate.py --gpt2 ckpts/gpt2 --prompt-ids "464 3616 286 1204 318"   # Hugging Face GPT-2 folder
+    python generate.py --model ckpts/Qwen3-0.6B --prompt "Hello" --chat      # Llama/Mistral/Qwen folder, text in and out
 
 The text goes to stdout as it is generated; the speed (tokens/s) and the memory of the KV
 cache (``cache.memory_bytes()``) go to stderr, so ``python generate.py > sample.txt`` saves
@@ -56,7 +57,9 @@ from transformer.checkpoint import CheckpointError, load_model
 from transformer.engine.server import add_server_arguments, run_server
 from transformer.data import EOS_ID, FIRST_SYMBOL, PLUS_ID, load_corpus, split_documents
 from transformer.generation import CACHE_IMPLEMENTATIONS, EXACT_CACHES, LONG_CONTEXT_CACHES
-from transformer.gpt2 import InsecureTorchError, load_gpt2, parse_prompt_ids
+from transformer.gpt2 import InsecureTorchError, load_gpt2, load_gpt2_tokenizer, parse_prompt_ids
+from transformer.hf_models import load_pretrained
+from transformer.hf_tokenizer import HFTokenizer, load_hf_tokenizer
 from transformer.sampling import SamplingSettings, sampling_value_problem
 from spec_decoding import ModelDrafter, PromptLookupDrafter, format_stats, speculative_generate
 
@@ -198,7 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "~10 s for k=3, ~1 min for k=8 on a 2-core CPU, once per process)")
     fast.add_argument("--fast", action="store_true",
                       help="the same fixed-shape step without torch.compile (still a CUDA graph on CUDA)")
-    hf = p.add_argument_group("pretrained GPT-2 (Hugging Face folder)")
+    hf = p.add_argument_group("pretrained models (Hugging Face folders)")
+    hf.add_argument("--model", default=None, metavar="PATH",
+                    help="load a Hugging Face folder of model_type llama, mistral, qwen2, qwen3 or gpt2 "
+                         "(config.json + safetensors, tokenizer.json for text) instead of --checkpoint; no "
+                         "`transformers` needed, nothing unpickled")
+    hf.add_argument("--chat", action="store_true",
+                    help="with --model: wrap --prompt as one user message in the folder's chat template")
     hf.add_argument("--gpt2", default=None, metavar="PATH",
                     help="load a Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin) "
                          "instead of --checkpoint; no `transformers` needed")
@@ -215,6 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def load_hf_folder(path: str, device, dtype: str):
+    """``(model, tokenizer or None)`` of a Hugging Face folder for ``--model``: the model through
+    :func:`transformer.hf_models.load_pretrained`, the tokenizer from ``tokenizer.json`` (or, for
+    GPT-2, ``vocab.json`` + ``merges.txt``); ``None`` if the folder has neither (``--prompt-ids``
+    still works).  The model stops at the tokenizer's main EOS id (a chat turn's end)."""
+    model = load_pretrained(path, dtype=dtype, device=device)
+    if (Path(path) / "tokenizer.json").is_file():
+        tokenizer = load_hf_tokenizer(path)
+        if tokenizer.eos_id is not None and tokenizer.eos_id < model.config.vocab_size:
+            model.config.eos_token_id = tokenizer.eos_id
+    else:
+        tokenizer = load_gpt2_tokenizer(path) if model.config.mlp == "standard" else None
+    return model, tokenizer
+
+
 def missing_hint(path: str) -> str:
     cmd = "python train.py" if path.rstrip("/") == DEFAULT_CHECKPOINT else f"python train.py --out-dir {path}"
     return f"create it with: {cmd}"
@@ -229,12 +253,16 @@ class TextStreamer:
     (an unfinished UTF-8 character) until its other bytes arrive.  Cost: O(n) per token.
     """
 
-    def __init__(self, tokenizer, prompt_ids: List[int], out=None):
+    def __init__(self, tokenizer, prompt_ids: List[int], out=None, stop_ids=()):
         self.tokenizer, self.ids, self.out = tokenizer, list(prompt_ids), out or sys.stdout
         self.printed = len(tokenizer.decode(self.ids))
+        self.stop_ids, self.stopped = set(stop_ids), False  # any of a folder's EOS ids ends the text
 
     def __call__(self, token: torch.Tensor) -> None:
+        if self.stopped:
+            return
         self.ids.append(int(token[0]))
+        self.stopped = self.ids[-1] in self.stop_ids
         self._flush(final=False)
 
     def _flush(self, final: bool) -> None:
@@ -329,7 +357,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)  # flag values are checked here (one argparse line each)
     try:
         device = T.resolve_device(args.device)
-        if args.gpt2 is not None:
+        if args.model is not None and args.gpt2 is not None:
+            raise ValueError(f"--model {args.model} and --gpt2 {args.gpt2}: give one folder")
+        if args.chat and args.model is None:
+            raise ValueError("--chat needs --model PATH (a Hugging Face folder with a chat template)")
+        if args.model is not None:
+            model, tokenizer = load_hf_folder(args.model, device, args.dtype)
+            ckpt = SimpleNamespace(path=args.model, model_type="hf")
+        elif args.gpt2 is not None:
             model, tokenizer = load_gpt2(args.gpt2, device=device, dtype=args.dtype)
             ckpt = SimpleNamespace(path=args.gpt2, model_type="gpt2")
         else:
@@ -377,14 +412,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                       "checkpoints", file=sys.stderr)
                 return 2
             return generate_seq2seq(model, args, sampling, generator, device)
-        if args.prompt_ids is not None or (tokenizer is None and ckpt.model_type == "gpt2"):
+        if args.prompt_ids is not None or (tokenizer is None and ckpt.model_type in ("gpt2", "hf")):
             return generate_ids(model, tokenizer, args, sampling, generator, device, draft)
         if tokenizer is None:
             print(f"error: checkpoint {ckpt.path} holds no tokenizer (tokenizer.model); it was not written by "
                   f"train.py", file=sys.stderr)
             return 1
         return generate_text(model, tokenizer, args, sampling, generator, device, draft,
-                             seed=seed, run_dirs=() if ckpt.model_type == "gpt2" else run_dirs_of(ckpt.path))
+                             seed=seed, run_dirs=() if ckpt.model_type in ("gpt2", "hf") else run_dirs_of(ckpt.path))
     except ValueError as e:  # bad sampling values, a prompt too long for learned positions...
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -553,7 +588,15 @@ def generate_text(model, tokenizer, args, sampling, generator, device, draft=Non
             note = (f"[no prompt: starting from the end-of-document token ({note}); --prompt TEXT gives the "
                     f"start]")
         print(note, file=sys.stderr)
-    prompt_ids = tokenizer.encode(prompt or "")
+    if args.chat:
+        if not isinstance(tokenizer, HFTokenizer):
+            print(f"error: --chat needs the folder's tokenizer.json and chat template; {args.model} has no "
+                  f"tokenizer.json", file=sys.stderr)
+            return 2
+        prompt_ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt or ""}]),
+                                      add_special_tokens=False)  # the template writes BOS itself
+    else:
+        prompt_ids = tokenizer.encode(prompt or "")
     if not prompt_ids:
         prompt_ids = [tokenizer.eos_id]  # "a document just ended": the model starts a new one
     bad = sorted({i for i in prompt_ids if not 0 <= i < config.vocab_size})
@@ -578,7 +621,7 @@ def generate_text(model, tokenizer, args, sampling, generator, device, draft=Non
     for i in range(args.num_samples):
         if args.num_samples > 1:
             sys.stdout.write(f"{'' if i == 0 else chr(10)}---------- sample {i + 1} ----------\n")
-        streamer = TextStreamer(tokenizer, prompt_ids)
+        streamer = TextStreamer(tokenizer, prompt_ids, stop_ids=getattr(tokenizer, "eos_ids", ()))
         sys.stdout.write(tokenizer.decode(prompt_ids))
         sys.stdout.flush()
         t0 = time.perf_counter()
