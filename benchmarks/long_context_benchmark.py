@@ -24,7 +24,9 @@ What is measured
    ``linear`` keep ``--window`` tokens, ``sinks`` 4 + ``window - 4`` (StreamingLLM's positions: keys are
    rotated once, at their absolute position, and only the 4 sink keys are re-rotated each step); ``linear`` runs ``linear_kv_cache_attention`` with
    a random importance per token; ``quantized-8/4`` store everything in 8/4 bits (groups of 32,
-   32 exact recent tokens) and dequantize the history each step.
+   32 exact recent tokens) and attend through ``QuantizedKVCache.attend`` (blocks dequantized as
+   they are read, an online softmax across them).  ``--device cuda --dtype bfloat16`` runs this
+   table on a GPU.
 2. **Perplexity past the training context** (context ``C`` = the model's ``max_seq_len``): the
    held-out text is read as one stream, token by token, through ``SinkKVCache(4, C - 4)``
    (StreamingLLM), ``SlidingWindowKVCache(C)`` (window attention) and a full ``DynamicKVCache``
@@ -76,6 +78,7 @@ class LongContextConfig:
     head_dim: int = 128
     steps: int = 10
     dtype: str = "float32"
+    device: str = "cpu"
     checkpoint: Optional[str] = None
     train_seconds: float = 60.0
     small_d_model: int = 128
@@ -102,7 +105,7 @@ def quick_config(out: str = "benchmarks/results/long_context_quick.json") -> Lon
 def make_attention_cache(kind: str, cfg: LongContextConfig, dtype: torch.dtype):
     if kind == "full":
         return StaticKVCache(max_cache_len=max(cfg.lengths) + cfg.steps + 4, num_layers=1, num_heads=cfg.heads,
-                             head_dim=cfg.head_dim, dtype=dtype)
+                             head_dim=cfg.head_dim, dtype=dtype, device=cfg.device)
     if kind == "sliding_window":
         return SlidingWindowKVCache(cfg.window)
     if kind == "sinks":
@@ -116,9 +119,9 @@ def _fill(kind, cache, start: int, stop: int, cfg, dtype, g) -> None:
     """Append tokens ``start..stop-1`` (random keys/values) in chunks of up to 1024."""
     for a in range(start, stop, 1024):
         n = min(1024, stop - a)
-        k, v = (torch.randn(1, cfg.heads, n, cfg.head_dim, generator=g, dtype=dtype) for _ in range(2))
+        k, v = (torch.randn(1, cfg.heads, n, cfg.head_dim, generator=g, dtype=dtype).to(cfg.device) for _ in range(2))
         if kind == "linear":
-            cache.update(k, v, 0, importance=torch.randn(1, cfg.heads, n, generator=g))
+            cache.update(k, v, 0, importance=torch.randn(1, cfg.heads, n, generator=g).to(cfg.device))
         else:
             cache.update(k, v, 0)
 
@@ -131,6 +134,9 @@ def attention_step(kind, cache, q, k, v, t: int, rotary: RotaryEmbedding, import
     bshd = lambda x: x.transpose(1, 2)  # noqa: E731  (apply_rotary wants (B, S, H, D))
     cos, sin = rotary(torch.tensor([[t]], device=q.device))
     q, k = bshd(apply_rotary(bshd(q), cos, sin)), bshd(apply_rotary(bshd(k), cos, sin))
+    if isinstance(cache, QuantizedKVCache):  # reads the packed blocks in place (blockwise, online softmax)
+        cache.store(k, v, 0)
+        return cache.attend(q, 0)
     keys, values = cache.update(k, v, 0)
     owed = cache.rotary_offsets(0)
     if owed is not None:  # StreamingLLM's sinks: only they are re-rotated, O(num_sink_tokens)
@@ -148,7 +154,8 @@ def held_bytes(kind, cache, n: int, cfg, dtype) -> int:
 @torch.inference_mode()
 def run_attention_benchmark(cfg: LongContextConfig) -> List[Dict]:
     dtype = getattr(torch, cfg.dtype)
-    rotary = RotaryEmbedding(cfg.head_dim)
+    rotary = RotaryEmbedding(cfg.head_dim).to(cfg.device)
+    sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
     rows = []
     bar = tqdm(total=len(ATTENTION_KINDS) * len(cfg.lengths), desc="attention decode", leave=False)
     for kind in ATTENTION_KINDS:
@@ -160,10 +167,13 @@ def run_attention_benchmark(cfg: LongContextConfig) -> List[Dict]:
             steps = cfg.steps if not kind.startswith("quantized") else max(2, cfg.steps // 2)
             samples = []
             for i in range(steps + 2):  # two untimed warm-up steps
-                q, k, v = (torch.randn(1, cfg.heads, 1, cfg.head_dim, generator=g, dtype=dtype) for _ in range(3))
-                imp = torch.randn(1, cfg.heads, 1, 1, generator=g)
+                q, k, v = (torch.randn(1, cfg.heads, 1, cfg.head_dim, generator=g, dtype=dtype).to(cfg.device)
+                           for _ in range(3))
+                imp = torch.randn(1, cfg.heads, 1, 1, generator=g).to(cfg.device)
+                sync()
                 start = time.perf_counter()
                 attention_step(kind, cache, q, k, v, filled, rotary, imp)
+                sync()
                 if i >= 2:
                     samples.append(time.perf_counter() - start)
                 filled += 1
@@ -332,11 +342,13 @@ def run_quantized(model, val: torch.Tensor, cfg: LongContextConfig) -> Dict:
 def render(results: Dict) -> str:
     cfg = results["config"]
     out = [f"Machine: {format_machine(results['machine'])}", ""]
+    if cfg.get("device", "cpu").startswith("cuda") and torch.cuda.is_available():
+        out[0] += f"; table 1 on {torch.cuda.get_device_name()}"
     by = {(r["cache"], r["tokens"]): r for r in results["attention"]}
     kinds = [k for k in ATTENTION_KINDS if any(c == k for c, _ in by)]
     if kinds:
         out += [f"### One attention layer decoding: {cfg['heads']} heads x {cfg['head_dim']}, batch 1, "
-                f"{cfg['dtype']}, window {cfg['window']}", "", "Cache memory (MiB):", ""]
+                f"{cfg['dtype']}, {cfg.get('device', 'cpu')}, window {cfg['window']}", "", "Cache memory (MiB):", ""]
         out.append(markdown_table([[L] + [by[k, L]["memory_mb"] for k in kinds] for L in cfg["lengths"]],
                                   ["tokens"] + kinds, floatfmt=".4g"))
         out += ["", f"Time per decoding step, ms: median (fastest) of {cfg['steps']} steps "
@@ -439,6 +451,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=d.head_dim, help="head size (table 1)")
     p.add_argument("--steps", type=int, default=d.steps, help="timed decoding steps per length")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=d.dtype, help="dtype of table 1")
+    p.add_argument("--device", default=d.device, help="device of table 1 (cpu, cuda); the model parts run on the CPU")
     p.add_argument("--checkpoint", default=None, help="trained model folder (e.g. out); default: train a small one")
     p.add_argument("--train-seconds", type=float, default=d.train_seconds, help="training time of the small model")
     p.add_argument("--multiples", type=int, nargs="+", default=d.multiples, help="stream lengths in training contexts")
@@ -459,6 +472,7 @@ def config_from_args(args: argparse.Namespace) -> LongContextConfig:
     else:
         cfg = LongContextConfig(lengths=args.lengths, window=args.window, sink_tokens=args.sink_tokens,
                                 heads=args.heads, head_dim=args.head_dim, steps=args.steps, dtype=args.dtype,
+                                device=args.device,
                                 train_seconds=args.train_seconds, multiples=args.multiples,
                                 dense_max_multiple=args.dense_max_multiple, quant_windows=args.quant_windows,
                                 decode_tokens=args.decode_tokens)

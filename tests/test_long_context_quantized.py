@@ -132,3 +132,99 @@ def test_only_appends_rollback_batch_ops_and_reset():
     assert torch.equal(cache.key_positions(0), torch.arange(3))
     cache.reset()
     assert cache.get(0) is None and cache.memory_bytes() == 0
+
+
+# ---------------------------------------------------------------------------- blockwise attention (#18)
+class DequantizeEverything(QuantizedKVCache):
+    """The definition before #18, kept as the reference: no ``attend``, so the model calls
+    ``update``, which returns the whole history dequantized, and runs SDPA over it."""
+
+    attend = None
+
+
+@pytest.mark.parametrize("nbits", [8, 4, 2])
+@pytest.mark.parametrize("block", [1, 3, 16, 4096])
+@pytest.mark.parametrize("heads, kv_heads, S, residual", [(4, 2, 1, 5), (4, 4, 7, 0), (6, 2, 40, 3), (2, 1, 1, 0)])
+def test_blockwise_attention_equals_attention_over_the_dequantized_history(nbits, block, heads, kv_heads, S, residual):
+    g = torch.Generator().manual_seed(nbits * 100 + block)
+    B, D, n = 2, 16, 90
+    cache = QuantizedKVCache(nbits=nbits, group_size=8, residual_length=residual)
+    k, v = torch.randn(B, kv_heads, n, D, generator=g), torch.randn(B, kv_heads, n, D, generator=g)
+    cache.store(k[:, :, :n - S], v[:, :, :n - S], 0)
+    K, V = cache.update(k[:, :, n - S:], v[:, :, n - S:], 0)  # the old path: everything dequantized
+    q = torch.randn(B, heads, S, D, generator=g)
+    causal = torch.ones(S, n, dtype=torch.bool).tril(n - S)
+    padding = torch.rand(B, 1, 1, n, generator=g) > 0.2
+    padding[..., -1] = True
+    for mask, is_causal in [(None, False), (None, True), (padding, False), (padding & causal, False)]:
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q, K, V, attn_mask=causal if is_causal else mask, enable_gqa=True)
+        got = cache.attend(q, 0, mask=mask, is_causal=is_causal, block=block)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+    additive = torch.zeros(B, heads, S, n).masked_fill_(~padding.expand(B, heads, S, n), float("-inf"))
+    want = torch.nn.functional.scaled_dot_product_attention(q, K, V, attn_mask=additive, enable_gqa=True)
+    torch.testing.assert_close(cache.attend(q, 0, mask=additive, block=block), want, atol=2e-6, rtol=0)
+
+
+def test_blockwise_attention_after_crop_and_rollback():
+    cache = QuantizedKVCache(nbits=4, group_size=8, residual_length=4)
+    k = torch.randn(1, 2, 300, 16)
+    cache.update(k, -k, 0)
+    for change in (lambda: cache.crop(200), lambda: cache.rollback(150)):
+        change()
+        K, V = cache.get(0)
+        q = torch.randn(1, 2, 1, 16)
+        want = torch.nn.functional.scaled_dot_product_attention(q, K, V)
+        torch.testing.assert_close(cache.attend(q, 0, block=64), want, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+@pytest.mark.parametrize("nbits", [8, 4])
+def test_model_through_attend_equals_the_old_dequantize_everything_path(pos, nbits):
+    """Teacher-forced logits (prompt chunks, then tokens) and generate() with a left-padded batch:
+    the model's blockwise path gives the logits of the old path within float32 rounding.  One
+    layer: with two, a 1e-7 difference in layer 1's keys can move one of them across a rounding
+    boundary of its quantization and change that code by a whole step (tested below, looser)."""
+    model = tiny_decoder("gqa", pos, n_layers=1)
+    ids = torch.randint(0, 61, (2, 60), generator=torch.Generator().manual_seed(1))
+    make = dict(nbits=nbits, group_size=8, residual_length=4)
+    new, old, got, want, t = QuantizedKVCache(**make), DequantizeEverything(**make), [], [], 0
+    for S in [9, 1, 1, 13] + [1] * 37:
+        got.append(model(ids[:, t:t + S], cache=new))
+        want.append(model(ids[:, t:t + S], cache=old))
+        t += S
+    assert new.quantized_length() == 56
+    got, want = torch.cat(got, 1), torch.cat(want, 1)
+    # float32 rounding, amplified by the test model's large weights (logits in the hundreds)
+    torch.testing.assert_close(got, want, atol=1e-6 * want.abs().max().item(), rtol=0)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :5] = 0  # row 1 is left-padded
+    kw = dict(attention_mask=mask, output_logits=True, eos_token_id=None, pad_token_id=0)
+    a = model.generate(ids[:, :12], 30, cache_implementation=QuantizedKVCache(**make), **kw)
+    b = model.generate(ids[:, :12], 30, cache_implementation=DequantizeEverything(**make), **kw)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-6 * b.logits.abs().max().item(), rtol=0)
+    assert torch.equal(a.sequences, b.sequences)
+
+
+def test_attend_refuses_what_it_cannot_do():
+    cache = QuantizedKVCache(nbits=8, group_size=4, residual_length=2)
+    with pytest.raises(ValueError, match="layer 0 of this QuantizedKVCache holds no tokens"):
+        cache.attend(torch.randn(1, 2, 1, 8), 0)
+    cache.store(torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8), 0)
+    with pytest.raises(ValueError, match="query heads H=3 must be a multiple of the cache's key/value heads H_kv=2"):
+        cache.attend(torch.randn(1, 3, 1, 8), 0)
+    with pytest.raises(ValueError, match="block must be a positive int .*got 0"):
+        cache.attend(torch.randn(1, 2, 1, 8), 0, block=0)
+    with pytest.raises(ValueError, match=r"mask must be .*\(\.\., \.\., 1, 10\), got \(1, 1, 1, 9\)"):
+        cache.attend(torch.randn(1, 2, 1, 8), 0, mask=torch.ones(1, 1, 1, 9, dtype=torch.bool))
+
+
+def test_two_layer_model_agrees_with_the_old_path_up_to_code_flips():
+    model = tiny_decoder("gqa", "rope")
+    ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(2))
+    make = dict(nbits=8, group_size=8, residual_length=4)
+    kw = dict(output_logits=True, eos_token_id=None)
+    a = model.generate(ids, 40, cache_implementation=QuantizedKVCache(**make), **kw)
+    b = model.generate(ids, 40, cache_implementation=DequantizeEverything(**make), **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-3 * b.logits.abs().max().item(), rtol=0)

@@ -188,6 +188,7 @@ class Attention(nn.Module):
         """
         B, S, _ = x.shape
         is_causal = isinstance(mask, MaskPlan) and mask.is_causal
+        attend = None  # set for a cache that computes attention over its own storage (QuantizedKVCache.attend)
         if self.is_cross:
             q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
             k, v = self._cross_kv(memory, cache, layer_idx)
@@ -199,16 +200,23 @@ class Attention(nn.Module):
                 k, v = k.transpose(1, 2), v.transpose(1, 2)
             else:
                 layout = cache.layout
-                k, v = cache.update(_from_bshd(k, layout), _from_bshd(v, layout), layer_idx, cache_position)
-                k, v = _to_bhsd(k, layout), _to_bhsd(v, layout)
-                owed = None if rope is None else cache.rotary_offsets(layer_idx)
-                if owed is not None:  # a cache whose kept keys move (StreamingLLM's sinks): O(len(owed))
-                    _rotate_front(k, owed, rotary)
+                attend = getattr(cache, "attend", None)
+                if attend is not None:  # a cache that attends over its own compressed storage (quantized blocks)
+                    cache.store(_from_bshd(k, layout), _from_bshd(v, layout), layer_idx, cache_position)
+                else:
+                    k, v = cache.update(_from_bshd(k, layout), _from_bshd(v, layout), layer_idx, cache_position)
+                    k, v = _to_bhsd(k, layout), _to_bhsd(v, layout)
+                    owed = None if rope is None else cache.rotary_offsets(layer_idx)
+                    if owed is not None:  # a cache whose kept keys move (StreamingLLM's sinks): O(len(owed))
+                        _rotate_front(k, owed, rotary)
         if isinstance(mask, MaskPlan):
             # built once per forward, shared by the layers: an additive tensor, or the compressed
             # mask of packed sequences (VarlenMask), or a BlockMask over a paged pool
             mask = mask.build(cache, layer_idx, q.dtype)
         gqa = self.n_kv_heads != self.n_heads
+        if attend is not None:  # reads the packed blocks in place, an online softmax across them
+            y = attend(q.transpose(1, 2), layer_idx, mask=mask, is_causal=is_causal).transpose(1, 2)
+            return self.resid_dropout(self.out_proj(y.reshape(B, S, self.n_heads * self.head_dim)))
         k, v = k.to(q.dtype), v.to(q.dtype)
         if isinstance(mask, VarlenMask):  # packed sequences on a GPU: (1, T) queries over (1, N) keys
             y = varlen_attention(q[0], k.transpose(1, 2)[0], v.transpose(1, 2)[0], mask, enable_gqa=gqa)  # (T, H, D)

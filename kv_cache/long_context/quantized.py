@@ -24,11 +24,13 @@ The residual window.  The ``residual_length`` most recent tokens stay in full pr
 newest tokens get the sharpest attention, and a token is quantized exactly once, when it
 leaves the window (never re-quantized, so errors do not accumulate).
 
-Cost.  ``update`` quantizes the tokens leaving the window (``O(S)``) and returns the whole
-history dequantized -- ``O(n)`` work per layer per step into a temporary that lives only while
-that layer attends.  The saving is what stays resident between steps; the price is compute,
-so decoding is slower than with a plain cache unless a fused kernel reads the packed bytes
-directly (see ``benchmarks/long_context_benchmark.py`` for both numbers).
+Cost.  :meth:`QuantizedKVCache.store` quantizes the tokens leaving the window (``O(S)``).
+Attention then reads the packed blocks in place (:meth:`QuantizedKVCache.attend`, see
+``quantized_attention.py``): each block is dequantized into a small scratch buffer as it is
+used, with an online softmax across blocks, so no step materialises the dequantized history.
+``update`` (the Hugging Face-style API) still returns the whole history dequantized --
+``O(n)`` floats written per layer per step -- and is the reference ``attend`` is tested against.
+Measured in ``benchmarks/long_context_benchmark.py``.
 
 Bytes per token and layer, keys plus values: ``2 * H_kv * (head_dim * b / 8 + 4 * head_dim /
 group_size)``; e.g. head_dim 64, groups of 32: 8 bits 144 B, 4 bits 80 B, 2 bits 48 B, against
@@ -43,6 +45,7 @@ import torch
 
 from ..basic.base import Cache, as_index, check_append, check_kv_pair
 from ..validate import layer_index, non_negative_int, positive_int
+from .quantized_attention import quantized_attention
 
 Tensor = torch.Tensor
 NBITS = (2, 4, 8)
@@ -243,8 +246,17 @@ class QuantizedKVCache(Cache):
         """Append ``S`` tokens; quantize those leaving the residual window; return all ``n`` tokens.
 
         Returns ``(B, H_kv, n, D)`` keys and values (new tensors).  Cost: ``O(S)`` quantization
-        plus ``O(n)`` dequantization.
+        plus ``O(n)`` dequantization -- the whole history, every call.  A model should rather
+        :meth:`store` and :meth:`attend` (what ``transformer``'s attention does), which never
+        builds the dequantized history; ``update`` stays as the Hugging Face-style API and the
+        reference the tests compare :meth:`attend` with.
         """
+        self.store(key, value, layer_idx, cache_position)
+        return self.get(layer_idx)
+
+    def store(self, key: Tensor, value: Tensor, layer_idx: int, cache_position=None) -> None:
+        """Append ``S`` tokens ``(B, H_kv, S, D)`` to ``layer_idx``, quantizing those that leave
+        the residual window; return nothing.  Cost: ``O(S + residual_length)``."""
         check_kv_pair(key, value, layer_idx)
         self._grow(layer_idx)
         check_append(cache_position, self.get_seq_length(layer_idx), key.shape[2], type(self).__name__)
@@ -263,7 +275,22 @@ class QuantizedKVCache(Cache):
             res_k, res_v = res_k[:, :, leaving:], res_v[:, :, leaving:]
         self._rk[l], self._rv[l] = res_k.clone(), res_v.clone()  # own copies: never pin a big prompt
         self._batch = key.shape[0]
-        return self.get(l)
+
+    def attend(self, query: Tensor, layer_idx: int, mask: Optional[Tensor] = None, is_causal: bool = False,
+               scale: Optional[float] = None, block: Optional[int] = None) -> Tensor:
+        """Attention of ``query`` ``(B, H, S, D)`` over every token of ``layer_idx``, read from the
+        quantized blocks in place (:func:`~kv_cache.long_context.quantized_attention.quantized_attention`:
+        each block dequantized into a small scratch buffer as it is used, an online softmax across
+        blocks, the exact residual tail last).  ``mask`` / ``is_causal`` as for
+        ``scaled_dot_product_attention`` over the ``n`` keys in time order (``key_positions``).
+        Returns ``(B, H, S, D)``; equals ``scaled_dot_product_attention`` over :meth:`update`'s
+        dequantized history up to float rounding.  Cost: ``O(n)`` reads of the packed bytes,
+        ``O(block)`` scratch memory instead of ``O(n)``."""
+        if layer_idx >= len(self._nq) or self._held(layer_idx) == 0:
+            raise ValueError(f"layer {layer_idx} of this QuantizedKVCache holds no tokens; store() some first")
+        l = layer_idx
+        return quantized_attention(query, self._qk[l].tensors(), self._qv[l].tensors(), self._nq[l], self.nbits,
+                                   self._rk[l], self._rv[l], mask=mask, is_causal=is_causal, scale=scale, block=block)
 
     def get(self, layer_idx: int):
         """All tokens of ``layer_idx`` (dequantized, then exact), or ``None`` if it is empty."""
