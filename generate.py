@@ -396,6 +396,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 top_p=args.top_p if args.top_p < 1 else None,
                                 seed=args.seed if args.seed is not None else torch.seed())
     sampling = settings.generate_kwargs()  # do_sample, temperature, top_k, top_p for every path below
+    if getattr(tokenizer, "eos_ids", None):  # a Hugging Face folder: any of its EOS ids ends the text
+        sampling["eos_token_id"] = tokenizer.eos_ids
     seed = settings.seed
     generator = settings.make_generator(device)
     print(f"[loaded {ckpt.path} ({ckpt.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "

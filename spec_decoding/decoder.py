@@ -227,8 +227,11 @@ class SpeculativeDecoder:
             n, token = verify_sampled(probs_from_logits(logits, self.settings), proposal.probs, drafts, self.generator)
 
         emitted = drafts[:n].tolist() + [token]
-        if self.eos_token_id is not None and self.eos_token_id in emitted:
-            emitted = emitted[:emitted.index(self.eos_token_id) + 1]
+        eos = self.eos_token_id
+        eos_ids = () if eos is None else eos if isinstance(eos, tuple) else (eos,)  # one id or several
+        stops = [i for i, t in enumerate(emitted) if t in eos_ids]
+        if stops:
+            emitted = emitted[:stops[0] + 1]
             self.finished = True
         new = torch.tensor([emitted], dtype=torch.long, device=self.tokens.device)
         self.tokens = torch.cat([self.tokens, new], dim=1)

@@ -210,3 +210,25 @@ def test_server_serves_the_folder_with_its_tokenizer(folder):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_every_generation_path_stops_at_any_of_several_eos_ids(folder):
+    """Llama 3 style: a list of EOS ids; each path stops right after the first one produced."""
+    from spec_decoding import speculative_generate
+    from transformer.engine import LLMEngine, SamplingParams
+    from transformer.hf_models import load_pretrained
+    model = load_pretrained(folder[1])
+    prompt = torch.tensor([load_hf_tokenizer(folder[1]).encode("To be, or not")])
+    free = model.generate(prompt, 30, eos_token_id=None)[0, prompt.shape[1]:].tolist()
+    a, b = free[5], free[9]  # two ids the greedy run produces: stop at whichever comes first
+    stop = min(free.index(a), free.index(b)) + 1
+    want = free[:stop]
+    for kw in ({}, {"fast": True}):
+        out = model.generate(prompt, 30, eos_token_id=[b, a], **kw)[0, prompt.shape[1]:].tolist()
+        assert out == want, kw
+    tokens, _ = speculative_generate(model, model, prompt, 30, eos_token_id=[b, a], num_draft_tokens=3)
+    assert tokens[0, prompt.shape[1]:].tolist() == want
+    engine = LLMEngine(model, num_blocks=32, block_size=8, eos_token_id=[b, a])
+    assert engine.generate([prompt[0].tolist()], SamplingParams(max_tokens=30))[0] == want
+    with pytest.raises(ValueError, match="eos_token_id must be None or an int token id or a non-empty list"):
+        model.generate(prompt, 3, eos_token_id=[])

@@ -128,8 +128,8 @@ def test_one_settings_object_resolves_greedy_alike_for_every_path():
     (dict(seed=1.5), r"seed must be None or an int .*got 1.5"),
     (dict(seed=2 ** 64), r"seed must be None or an int .*got 18446744073709551616"),
     (dict(generator=3), r"generator must be None or a torch.Generator, got 3"),
-    (dict(eos_token_id=2.0), r"eos_token_id must be None or an int token id, got 2.0"),
-    (dict(eos_token_id=True), r"eos_token_id must be None or an int token id, got True"),
+    (dict(eos_token_id=2.0), r"eos_token_id must be None or an int token id or a non-empty list of them .*, got 2.0"),
+    (dict(eos_token_id=True), r"eos_token_id must be None or an int token id or a non-empty list of them .*, got True"),
     (dict(seed=1, generator=torch.Generator()), r"either generator or seed"),
 ])
 def test_seed_generator_and_stop_are_checked_by_the_same_validator(kwargs, message):

@@ -63,7 +63,7 @@ from typing import Callable, List, Optional
 import torch
 
 from kv_cache.basic.compiled_static import FixedShapeKVCache
-from .sampling import SamplingSettings, process_logits
+from .sampling import SamplingSettings, eos_hit, process_logits
 
 _M32 = 0xFFFFFFFF
 #: Odd constant spreading row indices before hashing (2^32 / golden ratio, negated mod 2^32).  It
@@ -263,7 +263,7 @@ class FastDecoder:
         eos, pad = sampling[4], sampling[5]
         if eos is not None:
             nxt = torch.where(self.finished, pad, nxt)
-            self.finished.logical_or_(nxt == eos)
+            self.finished.logical_or_(eos_hit(nxt, eos))
         self.slot.add_(1)
         self.pos.add_(1)
         self.seq.index_copy_(1, self.slot, nxt.unsqueeze(1))
@@ -617,7 +617,7 @@ class FastDecoder:
         out = self.seq[:, :P + done].clone()
         if eos is not None:  # stop where generate() would: right after the step every row had stopped
             new = out[:, P:]
-            stopped = (new == eos).long().cumsum(1) > 0  # (B, n): this row has produced eos by then
+            stopped = eos_hit(new, eos).long().cumsum(1) > 0  # (B, n): this row has produced eos by then
             all_stopped = stopped.all(0).nonzero()
             if all_stopped.numel():
                 out = out[:, :P + int(all_stopped[0]) + 1]

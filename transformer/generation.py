@@ -28,7 +28,7 @@ import torch
 import kv_cache
 from kv_cache import Cache
 from .config import ModelConfig
-from .sampling import SamplingSettings, sample_next_token
+from .sampling import SamplingSettings, eos_hit, first_eos, sample_next_token
 
 #: Caches that keep every token exactly: they can be rolled back (speculative decoding), have a
 #: fixed-shape twin (``fast=True``) and serve the encoder-decoder model.
@@ -288,7 +288,7 @@ def generate(
                   src_mask if seq2seq else None)
     eos_token_id = settings.eos_token_id
     if pad_token_id is None:
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos_token_id or 0)
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (first_eos(eos_token_id) or 0)
     B, P = input_ids.shape
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: take the mask-free fast path
@@ -331,7 +331,7 @@ def generate(
             if streamer is not None:
                 streamer(token)
             if eos_token_id is not None:
-                finished |= token == eos_token_id
+                finished |= eos_hit(token, eos_token_id)
                 if bool(finished.all()):
                     break
             if step == max_new_tokens - 1:

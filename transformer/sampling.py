@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -66,7 +66,8 @@ SAMPLING_RULES = {
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and -2 ** 63 <= v < 2 ** 64,
              "an int in [-2**63, 2**64) (what torch.Generator.manual_seed takes)"),
     "generator": (lambda v: isinstance(v, torch.Generator), "a torch.Generator"),
-    "eos_token_id": (lambda v: not isinstance(v, bool) and _index(v) is not None, "an int token id"),
+    "eos_token_id": (lambda v: _eos_ids(v) is not None,
+                     "an int token id or a non-empty list of them (e.g. Llama 3's [128001, 128009])"),
 }
 #: values that may also be ``None`` (then: no top-k / no top-p / torch's global RNG / never stop)
 _OPTIONAL = ("top_k", "top_p", "seed", "generator", "eos_token_id")
@@ -77,6 +78,34 @@ def _index(v) -> Optional[int]:
         return operator.index(v)  # int, numpy int, 0-d integer tensor
     except TypeError:
         return None
+
+
+def _eos_ids(v):
+    """``v`` as an int, or a tuple of >= 2 ints (a list of one is its int); ``None`` if neither."""
+    if isinstance(v, (list, tuple)):
+        ids = [None if isinstance(i, bool) else _index(i) for i in v]
+        if not ids or None in ids:
+            return None
+        ids = tuple(dict.fromkeys(ids))
+        return ids[0] if len(ids) == 1 else ids
+    return None if isinstance(v, bool) else _index(v)
+
+
+def eos_hit(tokens: torch.Tensor, eos) -> torch.Tensor:
+    """Boolean tensor of ``tokens``' shape: which are an end-of-sequence id (``eos``: an int or a
+    tuple of ints, as :class:`SamplingSettings` stores it).  Element-wise comparisons with Python
+    ints only, so it compiles and is captured in CUDA graphs like ``tokens == eos``."""
+    if isinstance(eos, tuple):
+        hit = tokens == eos[0]
+        for e in eos[1:]:
+            hit = hit | (tokens == e)
+        return hit
+    return tokens == eos
+
+
+def first_eos(eos):
+    """The main end-of-sequence id of ``eos`` (an int, a tuple's first, or ``None``)."""
+    return eos[0] if isinstance(eos, tuple) else eos
 
 
 def sampling_value_problem(name: str, value) -> Optional[str]:
@@ -120,7 +149,9 @@ class SamplingSettings:
             ``temperature == 0``); ``None`` (unset) samples iff ``temperature > 0``.  Stored
             resolved: always a ``bool`` after construction.
         seed / generator: the random source (at most one; neither: torch's global RNG).
-        eos_token_id: the token that stops a row (``None``: never stop early); stored as ``int``.
+        eos_token_id: the token that stops a row, or a list of them (any one stops it; Llama 3
+            instruct models end a turn with one id and a document with another); ``None``: never
+            stop early.  Stored as an ``int``, or a ``tuple`` of two or more.
 
     ``SamplingSettings(0.7, top_k=50)`` samples; ``SamplingSettings()`` is greedy.
     """
@@ -131,7 +162,7 @@ class SamplingSettings:
     do_sample: Optional[bool] = None
     seed: Optional[int] = None
     generator: Optional[torch.Generator] = field(default=None, repr=False, compare=False)
-    eos_token_id: Optional[int] = None
+    eos_token_id: Union[int, Tuple[int, ...], None] = None
 
     def __post_init__(self):
         validate_sampling_args(self.temperature, self.top_k, self.top_p, seed=self.seed, generator=self.generator,
@@ -139,7 +170,7 @@ class SamplingSettings:
         do_sample = self.temperature > 0 if self.do_sample is None else bool(self.do_sample)
         object.__setattr__(self, "do_sample", do_sample)
         if self.eos_token_id is not None:
-            object.__setattr__(self, "eos_token_id", operator.index(self.eos_token_id))
+            object.__setattr__(self, "eos_token_id", _eos_ids(self.eos_token_id))
 
     @property
     def greedy(self) -> bool:

@@ -26,7 +26,7 @@ busy with step ``N + 1``.
 from __future__ import annotations
 
 import itertools
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -62,8 +62,8 @@ class LLMEngine:
         max_num_seqs: most requests in one step.
         max_num_batched_tokens: most tokens in one step (prefill chunks + decode tokens).
         enable_prefix_caching: share the KV blocks of prompt prefixes seen before.
-        eos_token_id: stops every request unless it sets its own ``stop_token_ids``
-            (default: the model config's ``eos_token_id``).
+        eos_token_id: stops every request unless it sets its own ``stop_token_ids``: one id or a
+            list (default: the model config's ``eos_token_id``); :attr:`eos_token_ids` is the tuple.
         attention: how decode steps read the history: ``"auto"`` (``"paged"`` on CUDA,
             ``"gather"`` on CPU), ``"paged"`` (FlexAttention over the blocks in place) or
             ``"gather"`` (copy each row's history, then SDPA); see :mod:`.runner`.
@@ -81,7 +81,7 @@ class LLMEngine:
 
     def __init__(self, model, *, num_blocks: int = 256, block_size: int = 16, max_num_seqs: int = 32,
                  max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
-                 eos_token_id: Optional[int] = None, attention: str = "auto", cuda_graph: Optional[bool] = None,
+                 eos_token_id: Union[int, Sequence[int], None] = None, attention: str = "auto", cuda_graph: Optional[bool] = None,
                  async_scheduling: Optional[bool] = None):
         cfg = getattr(model, "config", None)
         if not isinstance(model, DecoderOnlyTransformer):
@@ -102,7 +102,9 @@ class LLMEngine:
                                   max_num_seqs=max_num_seqs)
         self.async_scheduling = p.device.type == "cuda" if async_scheduling is None else bool(async_scheduling)
         self._in_flight: Optional[_Step] = None  # the launched step whose tokens are not read yet
-        self.eos_token_id = cfg.eos_token_id if eos_token_id is None else eos_token_id
+        eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+        self.eos_token_ids: Tuple[int, ...] = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) \
+            else (eos,)
         self.requests: Dict[str, Request] = {}
         self._arrivals = itertools.count()
         self.num_generated_tokens = self.num_prefill_tokens = self.num_steps = 0
@@ -230,8 +232,7 @@ class LLMEngine:
             r.output_ids.append(token)
             if r.request_id in self.blocks.seqs:  # (not if it was preempted meanwhile)
                 self.blocks.commit(r.request_id, 0, [token])
-            stops = () if r.params.ignore_eos else r.params.stop_token_ids or (
-                () if self.eos_token_id is None else (self.eos_token_id,))
+            stops = () if r.params.ignore_eos else r.params.stop_token_ids or self.eos_token_ids
             reason = "stop" if token in stops else "length" if len(r.output_ids) >= r.params.max_tokens else None
             if reason:
                 self.scheduler.finish(r, reason)

@@ -200,7 +200,7 @@ def parse_completion(body: Any, engine: LLMEngine, tokenizer, model_name: str):
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, f"stream must be true or false, got {stream!r}", "stream")
-    eos = () if engine.eos_token_id is None else (engine.eos_token_id,)
+    eos = engine.eos_token_ids
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              seed=None if seed is None else seed + i, stop_token_ids=eos) for i in range(n)]
     return ids, params, stop, stream
@@ -403,8 +403,9 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_server(model, tokenizer, args) -> None:
     """Build the engine from parsed flags and serve until interrupted."""
+    eos = getattr(tokenizer, "eos_ids", None) or None  # a Hugging Face folder's EOS ids, all of them
     engine = LLMEngine(model, num_blocks=args.num_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                       max_num_batched_tokens=args.max_num_batched_tokens)
+                       max_num_batched_tokens=args.max_num_batched_tokens, eos_token_id=eos)
     print(f"serving {args.model_name} on http://{args.host}:{args.port}/v1 "
           f"({args.num_blocks} KV blocks of {args.block_size} tokens)", flush=True)
     serve(engine, tokenizer, args.host, args.port, args.model_name, args.max_waiting)
