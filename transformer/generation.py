@@ -259,7 +259,7 @@ def generate(
         temperature, top_k, top_p: applied in that order when sampling (see
             :mod:`transformer.sampling`); ``temperature=0`` is greedy.  These, ``generator`` and
             ``eos_token_id`` are checked once, by :class:`~transformer.sampling.SamplingSettings`.
-        eos_token_id: a row stops after producing it; later positions of that row hold
+        eos_token_id: a row stops after producing it (or any id of a list); later positions of that row hold
             ``pad_token_id``.  Generation ends early once every row has stopped.  Defaults to
             ``model.config.eos_token_id``; pass ``None`` to never stop early.
         generator: a ``torch.Generator`` for reproducible sampling.
