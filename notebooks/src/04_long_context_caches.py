@@ -133,9 +133,11 @@ assert linear_rows[-1] == top
 # With rotary embeddings (RoPE) the attention score of query $q$ and key $k$ depends on their
 # distance. A model trained on 32 tokens has only seen distances 0..31. If the sink tokens kept
 # their absolute positions, the query at position 5,000 would look at a key 5,000 positions away.
-# StreamingLLM instead gives the kept tokens their positions **inside the cache**. `SinkKVCache`
-# stores keys *before* rotation (`positions_in_cache = True`) and the model rotates them by
-# `key_positions(layer, in_cache=True)` after each update:
+# StreamingLLM instead gives the kept tokens their positions **inside the cache**. Because RoPE
+# is relative, that costs almost nothing: sliding every window key down by the number of dropped
+# tokens and the query with them changes no distance, so window keys stay rotated once, at their
+# absolute position. Only the sinks must come closer: `SinkKVCache.rotary_offsets` says by how
+# much, and the model rotates those few keys (not the whole window) after each update:
 
 # %%
 sinks = policies["SinkKVCache(3, 9)"]
@@ -143,6 +145,8 @@ absolute = sinks.key_positions(0)
 print("storage order, absolute positions:", absolute.tolist())
 print("same keys, positions in the cache:", sinks.key_positions(0, in_cache=True).tolist())
 print("new query: absolute position", steps - 1, "-> in-cache position", sinks.get_max_cache_shape() - 1)
+print("rotation the 3 sink keys still owe:", sinks.rotary_offsets(0).tolist(), "= tokens dropped:",
+      steps - sinks.get_max_cache_shape())
 
 # %% [markdown]
 # The ring buffer is stored in ring order (a decoding step overwrites one slot, no shifting); the
