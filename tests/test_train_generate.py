@@ -171,6 +171,24 @@ def test_draft_run_reuses_the_tokenizer(tiny_run, corpus_file, tmp_path, capsys)
     assert load_model(draft / "best")[0].config.d_model == 16
 
 
+def test_train_flags_build_a_llama_style_block(tiny_run, corpus_file, tmp_path):
+    """``--mlp swiglu`` is the gated SiLU MLP; ``--qk-norm``, ``--qkv-bias`` and ``--head-dim`` are
+    ModelConfig fields like any other; the checkpoint keeps them and generates."""
+    full, _ = tiny_run
+    out = tmp_path / "llama_style"
+    assert train_script.main([*TINY, "--data", str(corpus_file), "--tokenizer", str(full), "--out-dir", str(out),
+                              "--max-steps", "2", "--eval-interval", "2", "--mlp", "swiglu", "--qk-norm",
+                              "--no-bias", "--qkv-bias", "--head-dim", "24", "--d-ff", "40"]) == 0
+    model = load_model(out / "best")[0]
+    c = model.config
+    assert (c.mlp, c.activation, c.qk_norm, c.bias, c.qkv_bias, c.head_dim) == ("gated", "silu", True, False, True, 24)
+    assert model.decoder.blocks[0].mlp.fc_in.weight.shape[-1] == 2 * 40  # gate and up, fused
+    out_ids = model.generate(torch.tensor([[1, 2, 3]]), 4, eos_token_id=None)
+    assert out_ids.shape == (1, 7)
+    with pytest.raises(SystemExit):
+        train_script.main([*TINY, "--data", str(corpus_file), "--mlp", "glu"])
+
+
 def test_distilled_draft_run_and_its_errors(tiny_run, corpus_file, tmp_path, capsys):
     """``--teacher out/``: the draft learns the teacher's distribution (KL) and says so; a teacher
     with another vocabulary or no checkpoint at all is refused before training starts."""
