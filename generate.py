@@ -46,6 +46,7 @@ import random
 import re
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import List, Optional
@@ -59,6 +60,7 @@ from transformer.data import EOS_ID, FIRST_SYMBOL, PLUS_ID, load_corpus, split_d
 from transformer.generation import CACHE_IMPLEMENTATIONS, EXACT_CACHES, LONG_CONTEXT_CACHES
 from transformer.gpt2 import InsecureTorchError, load_gpt2, load_gpt2_tokenizer, parse_prompt_ids
 from transformer.hf_models import load_pretrained
+from transformer.detokenizer import IncrementalDetokenizer
 from transformer.hf_tokenizer import HFTokenizer, load_hf_tokenizer
 from transformer.sampling import SamplingSettings, sampling_value_problem
 from spec_decoding import ModelDrafter, PromptLookupDrafter, format_stats, speculative_generate
@@ -239,6 +241,18 @@ def load_hf_folder(path: str, device, dtype: str):
     return model, tokenizer
 
 
+@contextmanager
+def flag_named(flag: str, value: str):
+    """Re-raise a loader's ``FileNotFoundError`` / ``ValueError`` with the flag and its value in
+    front (``--model ckpts/x: no config.json in ...``), so the message says what the user typed."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{flag} {value}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{flag} {value}: {e}") from None
+
+
 def missing_hint(path: str) -> str:
     cmd = "python train.py" if path.rstrip("/") == DEFAULT_CHECKPOINT else f"python train.py --out-dir {path}"
     return f"create it with: {cmd}"
@@ -247,36 +261,35 @@ def missing_hint(path: str) -> str:
 class TextStreamer:
     """``generate(..., streamer=...)`` callback that prints text as tokens arrive.
 
-    Decoding token by token is wrong for multi-byte characters (a byte-fallback piece may be half
-    of an emoji) and for SentencePiece pieces that only make sense with their neighbours, so we
-    decode the whole sequence each time and print what is new, holding back a trailing U+FFFD
-    (an unfinished UTF-8 character) until its other bytes arrive.  Cost: O(n) per token.
+    Decoding token by token is wrong for multi-byte characters (a byte-level or byte-fallback
+    piece may be half of an emoji) and for pieces that only make sense with their neighbours, so
+    an :class:`~transformer.detokenizer.IncrementalDetokenizer` decodes a short window ending at
+    the new token and prints what it added, holding back a trailing U+FFFD (an unfinished UTF-8
+    character) until its other bytes arrive.  After any of ``stop_ids`` (a folder's EOS ids) it
+    prints nothing more.  Cost: two decodes of a few tokens per token (not of the whole text).
     """
 
     def __init__(self, tokenizer, prompt_ids: List[int], out=None, stop_ids=()):
-        self.tokenizer, self.ids, self.out = tokenizer, list(prompt_ids), out or sys.stdout
-        self.printed = len(tokenizer.decode(self.ids))
+        self.tokenizer, self.out = tokenizer, out or sys.stdout
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
         self.stop_ids, self.stopped = set(stop_ids), False  # any of a folder's EOS ids ends the text
 
     def __call__(self, token: torch.Tensor) -> None:
         if self.stopped:
             return
-        self.ids.append(int(token[0]))
-        self.stopped = self.ids[-1] in self.stop_ids
-        self._flush(final=False)
+        token_id = int(token[0])
+        self.stopped = token_id in self.stop_ids
+        self._write(self.detok.add([token_id]))
 
-    def _flush(self, final: bool) -> None:
-        text = self.tokenizer.decode(self.ids)
-        if not final and text.endswith("\ufffd"):
-            return
-        if len(text) > self.printed:
-            self.out.write(text[self.printed:])
+    def _write(self, piece: str) -> None:
+        if piece:
+            self.out.write(piece)
             self.out.flush()
-            self.printed = len(text)
 
     def end(self) -> str:
-        self._flush(final=True)
-        return self.tokenizer.decode(self.ids)
+        """Print what was held back; return the whole text (prompt included)."""
+        self._write(self.detok.finish())
+        return self.tokenizer.decode(self.detok.ids)
 
 
 def parse_src(text: str, task: Optional[str], vocab_size: int) -> List[int]:
@@ -361,11 +374,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError(f"--model {args.model} and --gpt2 {args.gpt2}: give one folder")
         if args.chat and args.model is None:
             raise ValueError("--chat needs --model PATH (a Hugging Face folder with a chat template)")
+        if args.chat and args.prompt_ids is not None:
+            raise ValueError(f"--chat with --prompt-ids {args.prompt_ids!r}: --chat wraps a text --prompt in the chat "
+                             f"template; token ids are used as they are (drop one of the two)")
+        if args.prompt_ids is not None and args.prompt is not None:
+            raise ValueError(f"--prompt {args.prompt!r} and --prompt-ids {args.prompt_ids!r}: give the prompt once, "
+                             f"as text or as token ids")
         if args.model is not None:
-            model, tokenizer = load_hf_folder(args.model, device, args.dtype)
+            with flag_named("--model", args.model):  # the loaders name the file; the user typed the flag
+                model, tokenizer = load_hf_folder(args.model, device, args.dtype)
             ckpt = SimpleNamespace(path=args.model, model_type="hf")
         elif args.gpt2 is not None:
-            model, tokenizer = load_gpt2(args.gpt2, device=device, dtype=args.dtype)
+            with flag_named("--gpt2", args.gpt2):
+                model, tokenizer = load_gpt2(args.gpt2, device=device, dtype=args.dtype)
             ckpt = SimpleNamespace(path=args.gpt2, model_type="gpt2")
         else:
             model, tokenizer, ckpt = load_model(args.checkpoint, device=device,
@@ -497,9 +518,14 @@ def run_generation(model, input_ids, max_new, args, sampling, generator, streame
 def generate_ids(model, tokenizer, args, sampling, generator, device, draft=None) -> int:
     """--prompt-ids (or a GPT-2 folder without a readable tokenizer): token ids in, token ids out."""
     if args.prompt_ids is None:
-        print("error: no tokenizer could be read from this GPT-2 folder (install `tokenizers`, or add "
-              "tokenizer.json / vocab.json + merges.txt); give the prompt as --prompt-ids \"464 2068 7586\"",
-              file=sys.stderr)
+        if args.model is not None:
+            print(f"error: --model {args.model}: no tokenizer.json in that folder, so a text prompt cannot be "
+                  f"encoded; expected the Hugging Face `tokenizers` file beside config.json, or give the prompt as "
+                  f"token ids: --prompt-ids \"464 2068 7586\"", file=sys.stderr)
+        else:
+            print("error: no tokenizer could be read from this GPT-2 folder (install `tokenizers`, or add "
+                  "tokenizer.json / vocab.json + merges.txt); give the prompt as --prompt-ids \"464 2068 7586\"",
+                  file=sys.stderr)
         return 2
     prompt_ids = parse_prompt_ids(args.prompt_ids, model.config.vocab_size)
     if len(prompt_ids) > model.config.max_seq_len:
@@ -582,6 +608,10 @@ def read_prompt(args) -> Optional[str]:
 
 def generate_text(model, tokenizer, args, sampling, generator, device, draft=None, seed: int = 0,
                   run_dirs=()) -> int:
+    """Text in, text out: encode the prompt (through the chat template with ``--chat``), print it,
+    then stream the generated text as tokens arrive (:class:`TextStreamer`), ``--num-samples``
+    times; the speed goes to stderr.  Returns the exit status (2 for a prompt this model cannot
+    take).  Cost: one prefill of the prompt, then one cached step per new token."""
     config = model.config
     prompt = read_prompt(args)
     if not prompt:
@@ -592,7 +622,7 @@ def generate_text(model, tokenizer, args, sampling, generator, device, draft=Non
         print(note, file=sys.stderr)
     if args.chat:
         if not isinstance(tokenizer, HFTokenizer):
-            print(f"error: --chat needs the folder's tokenizer.json and chat template; {args.model} has no "
+            print(f"error: --chat needs the folder's tokenizer.json and chat template; --model {args.model} has no "
                   f"tokenizer.json", file=sys.stderr)
             return 2
         prompt_ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt or ""}]),
