@@ -374,6 +374,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError(f"--model {args.model} and --gpt2 {args.gpt2}: give one folder")
         if args.chat and args.model is None:
             raise ValueError("--chat needs --model PATH (a Hugging Face folder with a chat template)")
+        if args.chat and args.serve:
+            raise ValueError("--chat with --serve: the server's /v1/completions takes the prompt text as it is sent "
+                             "(render the chat template in the client); drop --chat")
         if args.chat and args.prompt_ids is not None:
             raise ValueError(f"--chat with --prompt-ids {args.prompt_ids!r}: --chat wraps a text --prompt in the chat "
                              f"template; token ids are used as they are (drop one of the two)")

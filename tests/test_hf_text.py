@@ -393,6 +393,8 @@ def test_cli_refusals_name_the_flag(folder, tmp_path, capsys):
     assert code != 0 and "--model" in err and "--gpt2" in err
     code, _, err = _main(capsys, "--chat", "--prompt", "x")
     assert code != 0 and "--chat needs --model" in err
+    code, _, err = _main(capsys, "--model", path, "--chat", "--serve")
+    assert code != 0 and "--chat with --serve" in err
     code, _, err = _main(capsys, "--model", path, "--chat", "--prompt-ids", "5 6")
     assert code != 0 and "--chat" in err and "--prompt-ids '5 6'" in err
     code, _, err = _main(capsys, "--model", path, "--prompt", "x", "--prompt-ids", "5 6")
@@ -451,6 +453,15 @@ def test_server_serves_the_folder_with_its_tokenizer(folder):
         ids = tok.encode("To be")
         expected = hf_greedy_text(hf, tok, ids, 12)[len(tok.decode(ids)):]
         assert reply["choices"][0]["text"] == expected
+        # The same request streamed (server-sent events): the pieces join to the same text.
+        body = json.dumps({"prompt": "To be", "max_tokens": 12, "temperature": 0, "stream": True}).encode()
+        req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        pieces = []
+        with urllib.request.urlopen(req, timeout=30) as r:
+            for line in r.read().decode("utf-8").splitlines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    pieces.append(json.loads(line[len("data: "):])["choices"][0]["text"])
+        assert "".join(pieces) == expected and len(pieces) > 1  # (random weights: invalid UTF-8 decodes to U+FFFD)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
