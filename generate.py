@@ -633,6 +633,10 @@ def generate_text(model, tokenizer, args, sampling, generator, device, draft=Non
     else:
         prompt_ids = tokenizer.encode(prompt or "")
     if not prompt_ids:
+        if tokenizer.eos_id is None:
+            print("error: --prompt is empty and this tokenizer has no BOS or EOS token to start from; expected "
+                  "--prompt TEXT", file=sys.stderr)
+            return 2
         prompt_ids = [tokenizer.eos_id]  # "a document just ended": the model starts a new one
     bad = sorted({i for i in prompt_ids if not 0 <= i < config.vocab_size})
     if bad:

@@ -487,3 +487,21 @@ def test_every_generation_path_stops_at_any_of_several_eos_ids(folder):
     assert engine.generate([prompt[0].tolist()], SamplingParams(max_tokens=30))[0] == want
     with pytest.raises(ValueError, match="eos_token_id must be None or an int token id or a non-empty list"):
         model.generate(prompt, 3, eos_token_id=[])
+
+
+def test_cli_empty_prompt_starts_from_eos_or_is_refused(folder, tmp_path, capsys):
+    """An empty --prompt starts the model from an EOS token ("a document just ended"); a folder whose
+    tokenizer has neither BOS nor EOS has nothing to start from and is refused naming --prompt."""
+    hf, path = folder
+    bare, _ = _folder_with(tmp_path, "bare", {})  # no BOS post-processor, no special tokens named
+    import shutil
+    shutil.copy(path / "model.safetensors", bare / "model.safetensors")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.pop("eos_token_id"), cfg.pop("bos_token_id")
+    (bare / "config.json").write_text(json.dumps(cfg))
+    code, _, err = _main(capsys, "--model", bare, "--prompt", "", "--max-new-tokens", 2, "--temperature", 0)
+    assert code == 2 and "--prompt" in err and "no BOS or EOS" in err
+    (bare / "generation_config.json").write_text(json.dumps({"eos_token_id": hf.config.eos_token_id}))
+    code, out, err = _main(capsys, "--model", bare, "--prompt", "", "--max-new-tokens", 3, "--temperature", 0)
+    assert code == 0, err
+    assert out.strip() != ""
