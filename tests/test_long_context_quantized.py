@@ -62,6 +62,8 @@ def test_memory_bytes_are_the_real_packed_bytes(nbits):
 
 
 def test_recent_tokens_are_exact_and_older_ones_within_the_bound():
+    """Decoding token by token with residual_length 5: the newest 3..5 tokens are exact (the window
+    is cut back to its newest 3 when it overflows), older ones within half a step."""
     cache, history = QuantizedKVCache(nbits=4, group_size=8, residual_length=5), []
     for t in range(20):
         k = torch.randn(1, 2, 1, 16)
@@ -69,13 +71,19 @@ def test_recent_tokens_are_exact_and_older_ones_within_the_bound():
         keys, values = cache.update(k, 2 * k, 0)
         full = torch.cat(history, dim=2)
         assert keys.shape == full.shape and cache.get_seq_length() == t + 1
-        assert torch.equal(keys[:, :, -5:], full[:, :, -5:]) and torch.equal(values[:, :, -5:], 2 * full[:, :, -5:])
-        old = full[:, :, :-5]
+        exact = t + 1 - cache.quantized_length()
+        assert exact == t + 1 if t < 5 else 3 <= exact <= 5
+        assert torch.equal(keys[:, :, -exact:], full[:, :, -exact:])
+        assert torch.equal(values[:, :, -exact:], 2 * full[:, :, -exact:])
+        old = full[:, :, :-exact]
         if old.numel():
+            assert not torch.equal(keys[:, :, :-exact], old)  # 4-bit codes: really quantized
             span = old.unflatten(-1, (2, 8))
             step = (span.amax(-1) - span.amin(-1)) / 15
-            assert bool(((keys[:, :, :-5] - old).abs() <= step.repeat_interleave(8, -1) * 0.51 + 1e-3).all())
-    assert cache.quantized_length() == 15
+            assert bool(((keys[:, :, :-exact] - old).abs() <= step.repeat_interleave(8, -1) * 0.51 + 1e-3).all())
+    assert cache.quantized_length() == 15  # flushes of 3 tokens at 6, 9, 12, 15, 18 held: 15 quantized, 5 exact
+    cache.update(torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16), 0)  # a multi-token append: exactly 5 stay
+    assert cache.get_seq_length() - cache.quantized_length() == 5
 
 
 @pytest.mark.parametrize("pos", ["learned", "rope"])
@@ -193,7 +201,7 @@ def test_model_through_attend_equals_the_old_dequantize_everything_path(pos, nbi
         got.append(model(ids[:, t:t + S], cache=new))
         want.append(model(ids[:, t:t + S], cache=old))
         t += S
-    assert new.quantized_length() == 56
+    assert new.quantized_length() == 56  # 60 tokens: 4 exact at the end (2..4 while decoding)
     got, want = torch.cat(got, 1), torch.cat(want, 1)
     # float32 rounding, amplified by the test model's large weights (logits in the hundreds)
     torch.testing.assert_close(got, want, atol=1e-6 * want.abs().max().item(), rtol=0)
@@ -228,3 +236,91 @@ def test_two_layer_model_agrees_with_the_old_path_up_to_code_flips():
     b = model.generate(ids, 40, cache_implementation=DequantizeEverything(**make), **kw)
     assert torch.equal(a.sequences, b.sequences)
     torch.testing.assert_close(a.logits, b.logits, atol=1e-3 * b.logits.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("nbits", [2, 4])
+def test_packing_is_planar(nbits):
+    """Byte ``j`` holds channel ``j`` of every plane of ``D / per`` channels, plane ``i`` in bits
+    ``i * nbits ..``: what lets both attention paths unpack whole contiguous rows."""
+    per, D = 8 // nbits, 16
+    codes = torch.randint(0, 2 ** nbits, (2, 3, D), dtype=torch.uint8)
+    packed = _pack(codes, nbits)
+    for i in range(per):
+        plane = codes[..., i * D // per:(i + 1) * D // per]
+        assert torch.equal((packed >> (nbits * i)) & (2 ** nbits - 1), plane)
+
+
+def test_attention_method_is_checked():
+    from kv_cache.long_context.quantized_attention import quantized_attention
+    cache = QuantizedKVCache(nbits=8, group_size=4, residual_length=2)
+    cache.store(torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8), 0)
+    keys, values = cache._qk[0].tensors(), cache._qv[0].tensors()
+    with pytest.raises(ValueError, match="method must be one of .*got 'fast'"):
+        quantized_attention(torch.randn(1, 2, 1, 8), keys, values, 8, 8, method="fast")
+    with pytest.raises(ValueError, match="method='triton' reads quantized tokens without a mask; got a mask"):
+        quantized_attention(torch.randn(1, 2, 1, 8), keys, values, 8, 8, mask=torch.ones(1, 1, 1, 8, dtype=torch.bool),
+                            method="triton")
+
+
+def test_triton_path_is_chosen_only_where_it_can_serve(monkeypatch):
+    """``available`` decides the ``"auto"`` method: a CUDA query (or the interpreter), power-of-two
+    head and group counts, at most 64 (query row, group) pairs; anything else takes the block loop."""
+    from kv_cache.long_context import quantized_triton as qt
+    monkeypatch.setattr(qt, "HAS_TRITON", True)  # as if Triton were installed
+    q = torch.randn(1, 2, 1, 128)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not qt.available(q, 8, 32, 128, 1)  # a CPU query
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert qt.available(q, 8, 32, 128, 1) and qt.available(q, 4, 32, 128, 16) and qt.available(q, 2, 16, 64, 16)
+    assert not qt.available(q, 8, 32, 128, 17)  # 17 rows x 4 groups > 64
+    assert not qt.available(q, 8, 32, 96, 1)  # head size not a power of two
+    assert not qt.available(q, 8, 24, 96, 1) and not qt.available(q, 8, 8, 8, 1)
+    monkeypatch.setattr(qt, "HAS_TRITON", False)
+    assert not qt.available(q, 8, 32, 128, 1)
+
+
+TRITON_CHECK = r'''
+import torch
+from kv_cache import QuantizedKVCache
+from kv_cache.long_context.quantized_attention import quantized_attention
+from kv_cache.long_context.quantized_triton import quantized_decode
+worst = 0.0
+g = torch.Generator().manual_seed(0)
+for nbits, D, gs, kv, heads, S, n, res, dtype in [
+        (8, 64, 32, 2, 2, 1, 300, 5, torch.float32),    # one row per kv head, an exact tail
+        (4, 64, 16, 2, 8, 1, 257, 0, torch.float32),    # GQA: 4 rows x 4 groups, no tail
+        (2, 128, 32, 1, 3, 2, 130, 7, torch.float32),   # 2-bit, 3 heads x 2 new tokens
+        (4, 32, 32, 3, 3, 1, 70, 3, torch.float16)]:    # half precision: tensor-core products
+    cache = QuantizedKVCache(nbits=nbits, group_size=gs, residual_length=res)
+    cache.store(torch.randn(2, kv, n, D, generator=g), torch.randn(2, kv, n, D, generator=g), 0)
+    K, V = cache.get(0)
+    q = torch.randn(2, heads, S, D, generator=g).to(dtype)
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), K, V, enable_gqa=True)
+    got = quantized_attention(q, cache._qk[0].tensors(), cache._qv[0].tensors(), cache.quantized_length(0), nbits,
+                              cache._rk[0], cache._rv[0], method="triton")
+    assert got.dtype == dtype and got.shape == want.shape
+    err = (got.float() - want).abs().max().item()
+    assert err < (2e-3 if dtype == torch.float16 else 2e-6), (nbits, D, dtype, err)
+    # the kernel's knobs change the schedule, not the answer
+    other = quantized_decode(q.reshape(2, kv, heads // kv * S, D), cache._qk[0].tensors(), cache._qv[0].tensors(),
+                             cache.quantized_length(0), nbits, cache._rk[0], cache._rv[0], block_n=16,
+                             programs_per_sm=1)
+    assert (other.reshape(got.shape).float() - got.float()).abs().max().item() < (2e-3 if dtype == torch.float16 else 2e-6)
+    worst = max(worst, err)
+print("ok", worst)
+'''
+
+
+def test_triton_decode_kernel_equals_attention_over_the_dequantized_history():
+    """The GPU kernel, run by Triton's interpreter on this CPU (a fresh interpreter process: the
+    interpreter is chosen when the kernels are defined): float32 within rounding, float16 within
+    half-precision rounding of ``p``, for 8/4/2 bits, grouped-query heads, several new tokens,
+    with and without an exact tail, partial blocks and several slices."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
+    done = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-3000:]

@@ -60,13 +60,18 @@ def _check_nbits(nbits) -> int:
 
 
 def _pack(codes: Tensor, nbits: int) -> Tensor:
-    """Pack ``uint8`` codes ``(..., D)`` ``8 // nbits`` per byte -> ``(..., D * nbits // 8)``."""
+    """Pack ``uint8`` codes ``(..., D)`` ``per = 8 // nbits`` per byte -> ``(..., D / per)``, *planar*:
+    the channels are cut into ``per`` contiguous planes of ``D / per`` and byte ``j`` holds channel
+    ``j`` of every plane (plane ``i`` in bits ``i * nbits ..``).  Planar rather than neighbouring
+    channels in one byte so that unpacking writes each plane as one contiguous run, and every group
+    of channels (``group_size`` divides ``D / per``) stays whole -- what the attention's fast path
+    (:mod:`~kv_cache.long_context.quantized_attention`) relies on."""
     if nbits == 8:
         return codes
-    c = codes.unflatten(-1, (-1, 8 // nbits))
-    out = c[..., 0].clone()
+    c = codes.unflatten(-1, (8 // nbits, -1))
+    out = c[..., 0, :].clone()
     for i in range(1, 8 // nbits):
-        out |= c[..., i] << (nbits * i)
+        out |= c[..., i, :] << (nbits * i)
     return out
 
 
@@ -75,7 +80,7 @@ def _unpack(packed: Tensor, nbits: int) -> Tensor:
     if nbits == 8:
         return packed
     mask = 2 ** nbits - 1
-    return torch.stack([(packed >> shift) & mask for shift in range(0, 8, nbits)], dim=-1).flatten(-2)
+    return torch.cat([(packed >> shift) & mask for shift in range(0, 8, nbits)], dim=-1)
 
 
 def quantize(x: Tensor, nbits: int, group_size: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -167,7 +172,13 @@ class QuantizedKVCache(Cache):
     Args:
         nbits: 8, 4 or 2 bits per stored number.
         group_size: channels sharing one scale/minimum; must divide ``head_dim``.
-        residual_length: most recent tokens kept exactly (0: quantize everything at once).
+        residual_length: at most this many of the newest tokens are kept exact.  A multi-token
+            append (a prompt) leaves exactly ``residual_length`` of them; decoding one token at a
+            time, when the exact window overflows, all but its newest ``ceil(residual_length / 2)``
+            are quantized in one call -- so between those two counts are exact, and decoding pays
+            for one quantization every ``residual_length / 2`` steps instead of one per step (the
+            same batching as ``transformers``' ``QuantizedCache``, which flushes the whole window).
+            0: quantize everything at once.
 
     ``update(key, value, layer_idx)`` appends ``(B, H_kv, S, D)`` tensors (``cache_position``
     must be ``None`` or the next positions) and returns every token: the quantized ones
@@ -177,7 +188,7 @@ class QuantizedKVCache(Cache):
     ``get_seq_length`` is the position of the next token (tokens held plus any cropped).  ``memory_bytes()`` counts packed codes, scales, minima and the
     residual window, as allocated.  Budget per layer: quantized storage grows in blocks of 256
     tokens, so it holds at most ``n_q`` rounded up to a multiple of 256 (``n_q``: most tokens
-    ever quantized) at ``bytes_per_token()``, plus ``residual_length`` exact tokens.
+    ever quantized) at ``bytes_per_token()``, plus at most ``residual_length`` exact tokens.
 
     Example::
 
@@ -266,7 +277,13 @@ class QuantizedKVCache(Cache):
             self._rk[l] = self._rv[l] = None
         res_k = key if self._rk[l] is None else torch.cat([self._rk[l], key], dim=2)
         res_v = value if self._rv[l] is None else torch.cat([self._rv[l], value], dim=2)
-        leaving = res_k.shape[2] - self.residual_length
+        # At most residual_length exact tokens.  A multi-token append (a prompt, a chunk) leaves
+        # exactly residual_length of them; one token at a time (decoding), the window is cut back to
+        # its newest half when it overflows: one quantization call every ~residual_length / 2 steps
+        # instead of a dozen small operations on every step.
+        held, R = res_k.shape[2], self.residual_length
+        keep = R if key.shape[2] > 1 else (R + 1) // 2
+        leaving = held - keep if held > R else 0
         if leaving > 0:
             n = self._nq[l]
             self._qk[l].append(n, quantize(res_k[:, :, :leaving], self.nbits, self.group_size))
