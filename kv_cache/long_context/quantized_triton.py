@@ -62,12 +62,12 @@ MAX_RESIDUAL = 256
 def available(query: Tensor, nbits: int, group_size: int, head_dim: int, rows: int) -> bool:
     """Whether :func:`quantized_decode` can serve a call with ``rows`` query rows per kv head:
     Triton importable, the query on a CUDA device (or Triton's CPU interpreter switched on with
-    ``TRITON_INTERPRET=1``), a power-of-two head size of at least 16 cut into a power-of-two
-    number of groups, and ``rows x groups <= MAX_ROWS``."""
+    ``TRITON_INTERPRET=1``, for a float32 or float16 query), a power-of-two head size of at
+    least 16 cut into a power-of-two number of groups, and ``rows x groups <= MAX_ROWS``."""
     if not HAS_TRITON or nbits not in (2, 4, 8):
         return False
-    if query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
+    if query.device.type != "cuda" and (os.environ.get("TRITON_INTERPRET") != "1" or query.dtype == torch.bfloat16):
+        return False  # (the interpreter runs on NumPy, which has no bfloat16: its bf16 products are wrong)
     pow2 = lambda x: x >= 1 and x & (x - 1) == 0  # noqa: E731
     if head_dim < 16 or not pow2(head_dim) or group_size < 1 or head_dim % group_size:
         return False
