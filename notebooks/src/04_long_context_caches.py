@@ -251,9 +251,12 @@ assert torch.allclose(nll["dense"][:context], nll["sinks"][:context], atol=1e-4)
 #
 # `QuantizedKVCache` keeps every token but in few bits: each head vector is cut into groups of
 # `group_size` numbers; a group stores its minimum and step in float16 and each number as an
-# integer code, so the error is at most half a step. The newest `residual_length` tokens stay
-# exact. First on random numbers, then inside the model: the 512 Macbeth tokens from above, as 16
-# windows of 32 read token by token (one batch of 16 rows) through a quantized cache, against
+# integer code, so the error is at most half a step. The newest tokens stay exact: after a
+# prompt exactly `residual_length` of them; while decoding token by token the exact window fills
+# up to `residual_length` and is then cut back to its newest half in one quantization call
+# (batching the small quantize operations, as `transformers`' `QuantizedCache` does). First on
+# random numbers, then inside the model: the 512 Macbeth tokens from above, as 16 windows of 32
+# read token by token (one batch of 16 rows) through a quantized cache, against
 # the model without a cache. The top-1 token can only change where the uncached model's two
 # best logits are closer together than the errors, so we also print that gap (the *margin*).
 
