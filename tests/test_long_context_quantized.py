@@ -274,6 +274,7 @@ def test_triton_path_is_chosen_only_where_it_can_serve(monkeypatch):
     assert qt.available(q, 8, 32, 128, 1) and qt.available(q, 4, 32, 128, 16) and qt.available(q, 2, 16, 64, 16)
     assert not qt.available(q.bfloat16(), 8, 32, 128, 1)  # the interpreter's bfloat16 products are wrong
     assert not qt.available(q, 8, 32, 128, 17)  # 17 rows x 4 groups > 64
+    assert qt.available(q, 8, 32, 128, 1, residual=256) and not qt.available(q, 8, 32, 128, 1, residual=257)
     assert not qt.available(q, 8, 32, 96, 1)  # head size not a power of two
     assert not qt.available(q, 8, 24, 96, 1) and not qt.available(q, 8, 8, 8, 1)
     monkeypatch.setattr(qt, "HAS_TRITON", False)

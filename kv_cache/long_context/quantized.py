@@ -63,9 +63,9 @@ def _pack(codes: Tensor, nbits: int) -> Tensor:
     """Pack ``uint8`` codes ``(..., D)`` ``per = 8 // nbits`` per byte -> ``(..., D / per)``, *planar*:
     the channels are cut into ``per`` contiguous planes of ``D / per`` and byte ``j`` holds channel
     ``j`` of every plane (plane ``i`` in bits ``i * nbits ..``).  Planar rather than neighbouring
-    channels in one byte so that unpacking writes each plane as one contiguous run, and every group
-    of channels (``group_size`` divides ``D / per``) stays whole -- what the attention's fast path
-    (:mod:`~kv_cache.long_context.quantized_attention`) relies on."""
+    channels in one byte so that unpacking writes each plane as one contiguous run and the codes
+    come out in natural channel order (what :mod:`~kv_cache.long_context.quantized_attention` and
+    its Triton kernel rely on: whole-row shifts and masks, no permutation)."""
     if nbits == 8:
         return codes
     c = codes.unflatten(-1, (8 // nbits, -1))

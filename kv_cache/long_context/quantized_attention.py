@@ -34,8 +34,9 @@ of float32, which stays in the CPU's caches between the widening, the scaling an
 product; and reusing one scratch buffer avoids asking the allocator (and the kernel's page
 faults) for fresh memory every block.  Both matter more on a CPU than the arithmetic does
 (measured in ``benchmarks/long_context_benchmark.py``: at 16K tokens 8-bit goes from 20x the
-full cache's step to about 1.1x, 4-bit from 24x to about 1.4x).  On a GPU larger blocks keep the number of kernel launches
-small (``block`` defaults to 8192 there).
+full cache's step to about 1.1x, 4-bit from 24x to about 1.5x).  On a GPU, where this loop
+serves masked calls only (decoding takes :mod:`~kv_cache.long_context.quantized_triton`), larger
+blocks keep the number of kernel launches small (``block`` defaults to 8192 there).
 
 Cost per call: reads ``n * H_kv * D * nbits / 8`` bytes of codes plus the scales, ``O(S * n *
 H * D)`` arithmetic like any attention, and ``O(block * H_kv * D)`` memory of scratch.
@@ -104,6 +105,7 @@ def _scaled_codes(packed: Tensor, scale: Tensor, nbits: int, out: Tensor, planes
 #: The ways :func:`quantized_attention` can run (see its ``method`` argument).
 METHODS = ("auto", "blocks", "triton")
 
+
 @torch.no_grad()
 def quantized_attention(query: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor], n_quantized: int,
                         nbits: int, residual_keys: Optional[Tensor] = None, residual_values: Optional[Tensor] = None,
@@ -127,8 +129,8 @@ def quantized_attention(query: Tensor, keys: Sequence[Tensor], values: Sequence[
         block: tokens per block (default :func:`default_block`).
         method: ``"blocks"`` (the eager block loop above), ``"triton"`` (one GPU kernel,
             :func:`~kv_cache.long_context.quantized_triton.quantized_decode`: decoding without a
-            mask) or ``"auto"``: ``"triton"`` where it can serve the call (a CUDA query, at most
-            16 query rows per kv head, no mask, the head and group sizes it handles), else
+            mask) or ``"auto"``: ``"triton"`` where it can serve the call (a CUDA query, no mask,
+            what :func:`~kv_cache.long_context.quantized_triton.available` accepts), else
             ``"blocks"``.
 
     Returns ``(B, H, S, D)`` in ``query``'s dtype.  A query that sees no key gets zeros.
@@ -152,8 +154,8 @@ def quantized_attention(query: Tensor, keys: Sequence[Tensor], values: Sequence[
     bias = _additive_mask(mask, is_causal, B, H, H_kv, g, S, n, query.device)  # (B|1, H_kv|1, g*S, n) or None
     if method == "auto":
         groups = keys[1].shape[-1] if n_quantized else 1
-        method = "triton" if bias is None and n_quantized and r <= quantized_triton.MAX_RESIDUAL and \
-            quantized_triton.available(query, nbits, D // groups, D, g * S) else "blocks"
+        method = "triton" if bias is None and n_quantized and \
+            quantized_triton.available(query, nbits, D // groups, D, g * S, r) else "blocks"
     if method == "triton":
         if bias is not None or not n_quantized:
             raise ValueError("method='triton' reads quantized tokens without a mask; got "

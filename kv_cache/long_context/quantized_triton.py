@@ -59,12 +59,13 @@ BLOCK_N_FLOAT32 = 64
 MAX_RESIDUAL = 256
 
 
-def available(query: Tensor, nbits: int, group_size: int, head_dim: int, rows: int) -> bool:
-    """Whether :func:`quantized_decode` can serve a call with ``rows`` query rows per kv head:
-    Triton importable, the query on a CUDA device (or Triton's CPU interpreter switched on with
-    ``TRITON_INTERPRET=1``, for a float32 or float16 query), a power-of-two head size of at
-    least 16 cut into a power-of-two number of groups, and ``rows x groups <= MAX_ROWS``."""
-    if not HAS_TRITON or nbits not in (2, 4, 8):
+def available(query: Tensor, nbits: int, group_size: int, head_dim: int, rows: int, residual: int = 0) -> bool:
+    """Whether :func:`quantized_decode` can serve a call with ``rows`` query rows per kv head and
+    ``residual`` exact tail tokens: Triton importable, the query on a CUDA device (or Triton's
+    CPU interpreter switched on with ``TRITON_INTERPRET=1``, for a float32 or float16 query), a
+    power-of-two head size of at least 16 cut into a power-of-two number of groups,
+    ``rows x groups <= MAX_ROWS`` and ``residual <= MAX_RESIDUAL``."""
+    if not HAS_TRITON or nbits not in (2, 4, 8) or residual > MAX_RESIDUAL:
         return False
     if query.device.type != "cuda" and (os.environ.get("TRITON_INTERPRET") != "1" or query.dtype == torch.bfloat16):
         return False  # (the interpreter runs on NumPy, which has no bfloat16: its bf16 products are wrong)
@@ -89,13 +90,13 @@ def quantized_decode(q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor]
     """Attention of a few query rows over ``n`` quantized tokens plus an exact tail, no mask.
 
     Args:
-        q: ``(B, H_kv, R, D)``, ``R`` query rows per kv head (``R x groups <= MAX_ROWS``); bfloat16 or float16
-            queries use half-precision tensor-core products (exact on the codes), float32 queries
-            exact float32 ones.
-        scale: score scale, default ``1 / sqrt(D)``, applied to the float32 scores.
+        q: ``(B, H_kv, R, D)``, ``R`` query rows per kv head (``R x groups <= MAX_ROWS``);
+            bfloat16 or float16 queries use half-precision tensor-core products (exact on the
+            codes), float32 queries exact float32 ones.
         keys, values: ``(packed, scale, minimum)`` as a ``QuantizedKVCache`` layer holds them,
-            ``(B, H_kv, capacity, *)``; tokens ``0..n-1`` are read (``n >= 1``).
-        residual_keys, residual_values: ``(B, H_kv, r, D)`` or ``None``.
+            contiguous ``(B, H_kv, capacity, *)``; tokens ``0..n-1`` are read (``n >= 1``).
+        residual_keys, residual_values: ``(B, H_kv, r, D)`` with ``r <= MAX_RESIDUAL``, or ``None``.
+        scale: score scale, default ``1 / sqrt(D)``, applied to the float32 scores.
 
     Returns ``(B, H_kv, R, D)`` in ``q``'s dtype.  Splits the tokens into enough slices to give
     every streaming multiprocessor ``programs_per_sm`` programs, then merges the slices and the
@@ -109,9 +110,16 @@ def quantized_decode(q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor]
     from .quantized_triton_kernels import _decode_split_kernel, _merge_kernel
     B, H_kv, R, D = q.shape
     G = keys[1].shape[-1]
-    if not available(q, nbits, D // G, D, R):
-        raise ValueError(f"quantized_decode cannot serve R={R} rows, head_dim {D}, groups of {D // G}, {nbits} bits "
-                         f"on {q.device}; expected what available() accepts (quantized_attention falls back itself)")
+    r = 0 if residual_keys is None else residual_keys.shape[2]
+    if not available(q, nbits, D // G, D, R, r):
+        raise ValueError(f"quantized_decode cannot serve R={R} rows, head_dim {D}, groups of {D // G}, {nbits} bits, "
+                         f"a tail of {r} tokens on {q.device}; expected what available() accepts "
+                         f"(quantized_attention falls back itself)")
+    kp, ks, km = keys
+    vp, vs, vm = values
+    if not all(t.is_contiguous() for t in (kp, ks, km, vp, vs, vm)) or kp.shape[2] != ks.shape[2]:
+        raise ValueError("quantized_decode reads a QuantizedKVCache layer's own storage: contiguous "
+                         "(B, H_kv, capacity, *) tensors of one capacity")
     half = q.dtype in (torch.bfloat16, torch.float16)
     block_n = (BLOCK_N if half else BLOCK_N_FLOAT32) if block_n is None else block_n
     splits = max(1, min(triton.cdiv(n, block_n), (programs_per_sm * _sm_count(q.device)) // (B * H_kv)))
@@ -123,19 +131,11 @@ def quantized_decode(q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor]
     out = torch.empty(B, H_kv, R, D, device=q.device, dtype=q.dtype)
     parts = torch.empty(B * H_kv * splits * rg * (D + 2), device=q.device)  # each slice's (m, l, acc)
     m, l, acc = parts.split([B * H_kv * splits * rg, B * H_kv * splits * rg, B * H_kv * splits * rg * D])
-    kp, ks, km = keys
-    vp, vs, vm = values
-    if not all(t.is_contiguous() for t in (kp, ks, km, vp, vs, vm)) or kp.shape[2] != ks.shape[2]:
-        raise ValueError("quantized_decode reads a QuantizedKVCache layer's own storage: contiguous "
-                         "(B, H_kv, capacity, *) tensors of one capacity")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     _decode_split_kernel[(B * H_kv, splits)](
         q, kp, ks, km, vp, vs, vm, m, l, acc, n, kp.shape[2], split_len, R, scale,
         D=D, NBITS=nbits, G=G, ROWS=rows, BLOCK_N=block_n, HALF=half,
         num_warps=num_warps, num_stages=(2 if nbits == 8 else 1) if num_stages is None else num_stages)
-    r = 0 if residual_keys is None else residual_keys.shape[2]
-    if r > MAX_RESIDUAL:
-        raise ValueError(f"quantized_decode merges at most {MAX_RESIDUAL} exact tail tokens, got {r}")
     rk = residual_keys.contiguous() if r else q
     rv = residual_values.contiguous() if r else q
     _merge_kernel[(B * H_kv,)](
