@@ -52,23 +52,25 @@ def test_memory_bytes_are_the_real_packed_bytes(nbits):
     full.update(k, k, 0)
     per_token = B * H * (D * nbits // 8 + 2 * 2 * D // G)  # packed codes + fp16 scale and minimum per group
     assert cache.quantized_length(0) == T - R
-    assert cache.memory_bytes() == 2 * 256 * per_token + 2 * B * H * R * D * 4  # one block of 256 tokens
+    window = 2 * B * H * (R + 1) * D * 4  # the exact window's buffer: R tokens + room for the next one
+    assert cache.memory_bytes() == 2 * 256 * per_token + window  # one block of 256 tokens
     assert cache.bytes_per_token() == 2 * per_token
     k = torch.randn(B, H, 300, D)
     cache.update(k, k, 0)
     full.update(k, k, 0)  # 400 tokens: 384 quantized in two blocks, 16 exact
-    assert cache.memory_bytes() == 2 * 512 * per_token + 2 * B * H * R * D * 4 < full.memory_bytes()
+    assert cache.memory_bytes() == 2 * 512 * per_token + window < full.memory_bytes()
     assert full.memory_bytes() / T / cache.bytes_per_token() > {8: 3.5, 4: 6.3, 2: 10.6}[nbits]
 
 
 def test_recent_tokens_are_exact_and_older_ones_within_the_bound():
     """Decoding token by token with residual_length 5: the newest 3..5 tokens are exact (the window
     is cut back to its newest 3 when it overflows), older ones within half a step."""
-    cache, history = QuantizedKVCache(nbits=4, group_size=8, residual_length=5), []
+    cache, history, buffers = QuantizedKVCache(nbits=4, group_size=8, residual_length=5), [], set()
     for t in range(20):
         k = torch.randn(1, 2, 1, 16)
         history.append(k)
         keys, values = cache.update(k, 2 * k, 0)
+        buffers.add(cache._wk[0].data_ptr())
         full = torch.cat(history, dim=2)
         assert keys.shape == full.shape and cache.get_seq_length() == t + 1
         exact = t + 1 - cache.quantized_length()
@@ -82,6 +84,7 @@ def test_recent_tokens_are_exact_and_older_ones_within_the_bound():
             step = (span.amax(-1) - span.amin(-1)) / 15
             assert bool(((keys[:, :, :-exact] - old).abs() <= step.repeat_interleave(8, -1) * 0.51 + 1e-3).all())
     assert cache.quantized_length() == 15  # flushes of 3 tokens at 6, 9, 12, 15, 18 held: 15 quantized, 5 exact
+    assert len(buffers) == 1  # every token was written into one window buffer, in place
     cache.update(torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16), 0)  # a multi-token append: exactly 5 stay
     assert cache.get_seq_length() - cache.quantized_length() == 5
 
@@ -295,6 +298,9 @@ for nbits, D, gs, kv, heads, S, n, res, dtype in [
         (4, 32, 32, 3, 3, 1, 70, 3, torch.float16)]:    # half precision: tensor-core products
     cache = QuantizedKVCache(nbits=nbits, group_size=gs, residual_length=res)
     cache.store(torch.randn(2, kv, n, D, generator=g), torch.randn(2, kv, n, D, generator=g), 0)
+    for _ in range(res + 3):  # decoding: tokens written into the window's buffer in place, one flush
+        cache.store(torch.randn(2, kv, 1, D, generator=g), torch.randn(2, kv, 1, D, generator=g), 0)
+    assert res == 0 or cache._rk[0].data_ptr() == cache._wk[0].data_ptr()  # the tail: a prefix of the buffer
     K, V = cache.get(0)
     q = torch.randn(2, heads, S, D, generator=g).to(dtype)
     want = torch.nn.functional.scaled_dot_product_attention(q.float(), K, V, enable_gqa=True)

@@ -188,7 +188,9 @@ class QuantizedKVCache(Cache):
     ``get_seq_length`` is the position of the next token (tokens held plus any cropped).  ``memory_bytes()`` counts packed codes, scales, minima and the
     residual window, as allocated.  Budget per layer: quantized storage grows in blocks of 256
     tokens, so it holds at most ``n_q`` rounded up to a multiple of 256 (``n_q``: most tokens
-    ever quantized) at ``bytes_per_token()``, plus at most ``residual_length`` exact tokens.
+    ever quantized) at ``bytes_per_token()``, plus the exact window's buffer of
+    ``residual_length + 1`` tokens (decoding writes each new token into it in place: one copy,
+    no reallocation).
 
     Example::
 
@@ -212,8 +214,10 @@ class QuantizedKVCache(Cache):
         self._qk: List[_Quantized] = []
         self._qv: List[_Quantized] = []
         self._nq: List[int] = []                      # tokens quantized per layer
-        self._rk: List[Optional[Tensor]] = []         # residual window, full precision
+        self._rk: List[Optional[Tensor]] = []         # residual window, full precision: views of _wk / _wv
         self._rv: List[Optional[Tensor]] = []
+        self._wk: List[Optional[Tensor]] = []         # the window's buffers, residual_length + 1 tokens
+        self._wv: List[Optional[Tensor]] = []
         self._first: List[int] = []                   # position of the oldest token held (> 0 after crop)
         self._batch: Optional[int] = None
 
@@ -225,6 +229,8 @@ class QuantizedKVCache(Cache):
             self._nq.append(0)
             self._rk.append(None)
             self._rv.append(None)
+            self._wk.append(None)
+            self._wv.append(None)
             self._first.append(0)
 
     def _check(self, layer_idx: int, key: Tensor, value: Tensor) -> None:
@@ -274,24 +280,61 @@ class QuantizedKVCache(Cache):
         self._check(layer_idx, key, value)
         l = layer_idx
         if self._rk[l] is not None and self._rk[l].shape[0] != key.shape[0]:  # rows changed while empty
-            self._rk[l] = self._rv[l] = None
-        res_k = key if self._rk[l] is None else torch.cat([self._rk[l], key], dim=2)
-        res_v = value if self._rv[l] is None else torch.cat([self._rv[l], value], dim=2)
+            self._rk[l] = self._rv[l] = self._wk[l] = self._wv[l] = None
+        self._batch = key.shape[0]
         # At most residual_length exact tokens.  A multi-token append (a prompt, a chunk) leaves
         # exactly residual_length of them; one token at a time (decoding), the window is cut back to
         # its newest half when it overflows: one quantization call every ~residual_length / 2 steps
         # instead of a dozen small operations on every step.
-        held, R = res_k.shape[2], self.residual_length
+        R = self.residual_length
+        if key.shape[2] == 1 and self._in_window(l):  # decoding: one write into the window's buffer
+            wk, wv, held = self._wk[l], self._wv[l], self._rk[l].shape[2]
+            wk[:, :, held:held + 1].copy_(key)
+            wv[:, :, held:held + 1].copy_(value)
+            held += 1
+            if held > R:
+                keep = (R + 1) // 2
+                self._quantize(l, wk[:, :, :held - keep], wv[:, :, :held - keep])
+                wk[:, :, :keep] = wk[:, :, held - keep:held].clone()  # (overlapping ranges: copy first)
+                wv[:, :, :keep] = wv[:, :, held - keep:held].clone()
+                held = keep
+            self._rk[l], self._rv[l] = wk[:, :, :held], wv[:, :, :held]
+            return
+        res_k = key if self._rk[l] is None else torch.cat([self._rk[l], key], dim=2)
+        res_v = value if self._rv[l] is None else torch.cat([self._rv[l], value], dim=2)
+        held = res_k.shape[2]
         keep = R if key.shape[2] > 1 else (R + 1) // 2
         leaving = held - keep if held > R else 0
         if leaving > 0:
-            n = self._nq[l]
-            self._qk[l].append(n, quantize(res_k[:, :, :leaving], self.nbits, self.group_size))
-            self._qv[l].append(n, quantize(res_v[:, :, :leaving], self.nbits, self.group_size))
-            self._nq[l] = n + leaving
+            self._quantize(l, res_k[:, :, :leaving], res_v[:, :, :leaving])
             res_k, res_v = res_k[:, :, leaving:], res_v[:, :, leaving:]
-        self._rk[l], self._rv[l] = res_k.clone(), res_v.clone()  # own copies: never pin a big prompt
-        self._batch = key.shape[0]
+        # The window lives in a buffer of residual_length + 1 tokens (own memory: never a view
+        # of a big prompt) that decoding then writes in place.
+        held = res_k.shape[2]
+        cap = max(R, held) + 1
+        self._wk[l] = res_k.new_empty(res_k.shape[0], res_k.shape[1], cap, res_k.shape[3])
+        self._wv[l] = res_v.new_empty(res_v.shape[0], res_v.shape[1], cap, res_v.shape[3])
+        self._wk[l][:, :, :held], self._wv[l][:, :, :held] = res_k, res_v
+        self._rk[l], self._rv[l] = self._wk[l][:, :, :held], self._wv[l][:, :, :held]
+
+    def _quantize(self, l: int, key: Tensor, value: Tensor) -> None:
+        """Append ``(B, H_kv, f, D)`` keys/values to layer ``l``'s quantized storage."""
+        n = self._nq[l]
+        self._qk[l].append(n, quantize(key, self.nbits, self.group_size))
+        self._qv[l].append(n, quantize(value, self.nbits, self.group_size))
+        self._nq[l] = n + key.shape[2]
+
+    def _window_is_buffer(self, l: int) -> bool:
+        """Is layer ``l``'s exact window a prefix of its window buffer?  (``crop``, ``rollback``
+        and the batch operations leave a plain tensor instead: the next append then builds a
+        new buffer.)"""
+        rk, wk = self._rk[l], self._wk[l]
+        return (rk is not None and wk is not None and rk.data_ptr() == wk.data_ptr() and rk.stride() == wk.stride()
+                and self._rv[l].data_ptr() == self._wv[l].data_ptr())
+
+    def _in_window(self, l: int) -> bool:
+        """Can one more token be written into layer ``l``'s window buffer in place?"""
+        return self._window_is_buffer(l) and self._rk[l].shape[2] < self._wk[l].shape[2]
 
     def attend(self, query: Tensor, layer_idx: int, mask: Optional[Tensor] = None, is_causal: bool = False,
                scale: Optional[float] = None, block: Optional[int] = None) -> Tensor:
@@ -376,6 +419,7 @@ class QuantizedKVCache(Cache):
             self._qv[l].apply(fn)
             if self._rk[l] is not None:
                 self._rk[l], self._rv[l] = fn(self._rk[l]), fn(self._rv[l])
+            self._wk[l] = self._wv[l] = None  # the next append builds a buffer for the new rows
 
     def crop(self, max_length: int) -> None:
         """Keep only the ``max_length`` most recent tokens of every layer (``max_length >= 0``).
@@ -392,6 +436,7 @@ class QuantizedKVCache(Cache):
             if drop >= nq:  # every quantized token goes, and the oldest of the residual window
                 self._nq[l] = 0
                 self._rk[l], self._rv[l] = self._rk[l][:, :, drop - nq:].clone(), self._rv[l][:, :, drop - nq:].clone()
+                self._wk[l] = self._wv[l] = None
             else:
                 for q in (self._qk[l], self._qv[l]):
                     for buf in (q.packed, q.scale, q.minimum):
@@ -421,11 +466,14 @@ class QuantizedKVCache(Cache):
             elif self._rk[l] is not None:
                 r = keep - self._nq[l]
                 self._rk[l], self._rv[l] = self._rk[l][:, :, :r].clone(), self._rv[l][:, :, :r].clone()
+            self._wk[l] = self._wv[l] = None
 
     def memory_bytes(self) -> int:
         """Bytes allocated: packed codes, float16 scales and minima (capacity), residual window."""
         tensors = [t for q in self._qk + self._qv for t in q.tensors()]
-        tensors += [t for t in self._rk + self._rv if t is not None]
+        for l in range(len(self._nq)):  # the window: its buffer while it is one, else the tensor itself
+            window = (self._wk[l], self._wv[l]) if self._window_is_buffer(l) else (self._rk[l], self._rv[l])
+            tensors += [t for t in window if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def bytes_per_token(self) -> float:

@@ -76,6 +76,16 @@ def available(query: Tensor, nbits: int, group_size: int, head_dim: int, rows: i
     return pow2(groups) and rows * groups <= MAX_ROWS
 
 
+def _tail_rows(t: Tensor):
+    """``(tensor, elements between (batch, kv head) rows)`` for a ``(B, H, r, D)`` exact tail the
+    merge kernel can read as it is: each row's ``r x D`` contiguous, rows evenly spaced (a
+    ``QuantizedKVCache`` window, a prefix of its buffer); anything else is copied."""
+    B, H, r, D = t.shape
+    if t.stride(3) == 1 and t.stride(2) == D and (B == 1 or t.stride(0) == H * t.stride(1)):
+        return t, t.stride(1)
+    return t.contiguous(), r * D
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -136,10 +146,10 @@ def quantized_decode(q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor]
         q, kp, ks, km, vp, vs, vm, m, l, acc, n, kp.shape[2], split_len, R, scale,
         D=D, NBITS=nbits, G=G, ROWS=rows, BLOCK_N=block_n, HALF=half,
         num_warps=num_warps, num_stages=(2 if nbits == 8 else 1) if num_stages is None else num_stages)
-    rk = residual_keys.contiguous() if r else q
-    rv = residual_values.contiguous() if r else q
+    rk, rk_bh = _tail_rows(residual_keys) if r else (q, 0)
+    rv, rv_bh = _tail_rows(residual_values) if r else (q, 0)
     _merge_kernel[(B * H_kv,)](
-        m, l, acc, q, rk, rv, out, splits, r, R, scale, rg,
+        m, l, acc, q, rk, rv, out, splits, r, R, scale, rg, rk_bh, rv_bh,
         D=D, ROWS=max(16, triton.next_power_of_2(R)), SPLITS=max(16, triton.next_power_of_2(splits)),
         RES=0 if r == 0 else max(16, triton.next_power_of_2(r)))
     return out

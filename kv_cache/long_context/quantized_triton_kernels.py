@@ -99,10 +99,12 @@ def _decode_split_kernel(Q, KP, KS, KM, VP, VS, VM, M_OUT, L_OUT, ACC_OUT, n, ca
 
 
 @triton.jit
-def _merge_kernel(M, L, ACC, Q, RK, RV, OUT, splits, r, R, SCALE, RG,
+def _merge_kernel(M, L, ACC, Q, RK, RV, OUT, splits, r, R, SCALE, RG, RK_BH, RV_BH,
                   D: tl.constexpr, ROWS: tl.constexpr, SPLITS: tl.constexpr, RES: tl.constexpr):
     """Second half of flash-decoding: merge a (batch, kv head)'s slices ``(m, l, acc)`` and, when
-    ``RES > 0``, its exact tail of ``r <= RES`` tokens; write ``acc / l`` in ``OUT``'s dtype."""
+    ``RES > 0``, its exact tail of ``r <= RES`` tokens (``RK_BH`` / ``RV_BH``: elements from one
+    (batch, kv head)'s tail to the next: the tail may be a prefix of a longer buffer); write
+    ``acc / l`` in ``OUT``'s dtype."""
     bh = tl.program_id(0)
     rows = tl.arange(0, ROWS)
     d = tl.arange(0, D)
@@ -114,7 +116,7 @@ def _merge_kernel(M, L, ACC, Q, RK, RV, OUT, splits, r, R, SCALE, RG,
         t = tl.arange(0, RES)
         q = tl.load(Q + (bh * R + rows[:, None]) * D + d[None, :], mask=rows[:, None] < R,
                     other=0.0).to(tl.float32)
-        rk = tl.load(RK + (bh * r + t[:, None]) * D + d[None, :], mask=t[:, None] < r, other=0.0).to(tl.float32)
+        rk = tl.load(RK + bh * RK_BH + t[:, None] * D + d[None, :], mask=t[:, None] < r, other=0.0).to(tl.float32)
         s = tl.dot(q, tl.trans(rk), input_precision="ieee") * SCALE  # (ROWS, RES)
         s = tl.where(t[None, :] < r, s, float("-inf"))
         top = tl.maximum(top, tl.max(s, 1))
@@ -130,7 +132,7 @@ def _merge_kernel(M, L, ACC, Q, RK, RV, OUT, splits, r, R, SCALE, RG,
     if RES > 0:
         p = tl.exp(s - top[:, None])
         total += tl.sum(p, 1)
-        rv = tl.load(RV + (bh * r + t[:, None]) * D + d[None, :], mask=t[:, None] < r, other=0.0).to(tl.float32)
+        rv = tl.load(RV + bh * RV_BH + t[:, None] * D + d[None, :], mask=t[:, None] < r, other=0.0).to(tl.float32)
         acc += tl.dot(p, rv, input_precision="ieee")
     total = tl.where(rows < R, total, 1.0)
     tl.store(OUT + (bh * R + rows[:, None]) * D + d[None, :],
