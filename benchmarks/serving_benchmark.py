@@ -59,11 +59,11 @@ def summarize(name: str, wall: float, out_tokens: int, ttft: List[float], itl: L
                 itl_p50_ms=1e3 * pct(itl, 0.5), itl_p99_ms=1e3 * pct(itl, 0.99))
 
 
-def make_engine(model, args, reqs) -> LLMEngine:
-    """The engine of ``args``, warmed up as a server does before it takes requests (attention
-    kernels compiled, CUDA graphs recorded)."""
+def make_engine(model, args, reqs, attention: str = "auto") -> LLMEngine:
+    """The engine of ``args`` (decode ``attention`` as ``LLMEngine`` takes it), warmed up as a
+    server does before it takes requests (attention kernels compiled, CUDA graphs recorded)."""
     engine = LLMEngine(model, num_blocks=args.num_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                       max_num_batched_tokens=args.max_num_batched_tokens, attention=args.attention,
+                       max_num_batched_tokens=args.max_num_batched_tokens, attention=attention,
                        cuda_graph=False if args.no_cuda_graph else None,
                        async_scheduling=False if args.no_async else None)
     t_warm = time.perf_counter()
@@ -79,7 +79,7 @@ def run_invariance(model, reqs, args) -> List[Dict]:
     the workload, run with all the others and then each alone through the same engine, greedy
     and seeded-sampled (temperature 1, seed = request index).  Batched float arithmetic (matrix
     products of another shape, padded attention) can flip a near-tie; this counts how often."""
-    engine, n, rows = make_engine(model, args, reqs), args.invariance, []
+    engine, n, rows = make_engine(model, args, reqs, args.attention[0]), args.invariance, []
     for name, temperature in (("greedy", 0.0), ("sampled, temperature 1, seeded", 1.0)):
         params = [SamplingParams(max_tokens=o, ignore_eos=True, temperature=temperature, seed=i)
                   for i, (_, o) in enumerate(reqs)]
@@ -96,8 +96,8 @@ def run_invariance(model, reqs, args) -> List[Dict]:
     return rows
 
 
-def run_continuous(model, reqs, args):
-    engine = make_engine(model, args, reqs)
+def run_continuous(model, reqs, args, attention: str = "auto"):
+    engine = make_engine(model, args, reqs, attention)
     warm = engine.warm_up_s
     profiler = None
     if args.profile:
@@ -183,8 +183,8 @@ def main(argv=None) -> None:
     p.add_argument("--block-size", type=int, default=16, help="engine block size [16]")
     p.add_argument("--max-num-seqs", type=int, default=64, help="engine: most requests per step [64]")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="engine: most tokens per step [512]")
-    p.add_argument("--attention", choices=("auto", "paged", "gather"), default="auto",
-                   help="engine decode attention [auto: paged on CUDA, gather on CPU]")
+    p.add_argument("--attention", choices=("auto", "paged", "rows", "gather"), nargs="+", default=["auto"],
+                   help="engine decode attention, one continuous row each [auto: paged on CUDA, rows on CPU]")
     p.add_argument("--no-cuda-graph", action="store_true", help="engine: no CUDA graphs for decode steps")
     p.add_argument("--no-async", action="store_true", help="engine: read each step's tokens before the next "
                    "(no overlap of host and GPU work)")
@@ -228,7 +228,8 @@ def main(argv=None) -> None:
         model.generate(torch.tensor([reqs[0][0]], device=args.device), 4, eos_token_id=None)  # warm-up
         static = [(f"static{b}", None if args.no_static else
                    lambda b=b: run_static(model, reqs, b, args.static_compile)) for b in args.batch]
-        for name, fn in (("continuous", lambda: run_continuous(model, reqs, args)), *static,
+        continuous = [(f"continuous-{a}", lambda a=a: run_continuous(model, reqs, args, a)) for a in args.attention]
+        for name, fn in (*continuous, *static,
                          ("transformers", None if not args.transformers else lambda: run_transformers_cb(
                              hf_model, reqs, num_blocks=args.num_blocks, block_size=args.block_size,
                              max_batch_tokens=args.max_num_batched_tokens, max_requests_per_batch=args.max_num_seqs)),

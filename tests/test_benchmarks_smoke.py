@@ -138,13 +138,14 @@ def test_ab_eager_decode_compares_two_trees_and_their_tokens(capsys):
 def test_serving_benchmark_quick_compares_three_modes_with_the_same_tokens(tmp_path, capsys):
     from benchmarks import serving_benchmark
     out = tmp_path / "serving.json"
-    serving_benchmark.main(["--random", "--quick", "--out", str(out)])
+    serving_benchmark.main(["--random", "--quick", "--attention", "auto", "gather", "--out", str(out)])
     rows = json.loads(out.read_text())["results"]["rows"]
-    assert [r["mode"].split()[0] for r in rows] == ["continuous", "static", "one"]
+    assert [r["mode"].split()[0] for r in rows] == ["continuous", "continuous", "static", "one"]
     for r in rows:
         assert _positive(r["tokens_per_s"]) and _positive(r["ttft_p50_ms"])
         assert r["same_tokens_as_one_at_a_time"] == 1.0  # every request: the tokens of generate() alone
-    assert "| continuous (LLMEngine, gather)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| continuous (LLMEngine, rows)" in printed and "| continuous (LLMEngine, gather)" in printed  # rows: the CPU default
 
 
 def test_serving_benchmark_times_transformers_continuous_batching_on_the_same_weights(tmp_path):

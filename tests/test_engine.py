@@ -52,7 +52,7 @@ def run_workload(engine, arrivals, aborts=()):
     return {i: engine.pop_finished(r) for i, r in rids.items()}
 
 
-@pytest.mark.parametrize("attention", ["gather", "paged"])
+@pytest.mark.parametrize("attention", ["gather", "paged", "rows"])
 @pytest.mark.parametrize("pos", ["learned", "rope"])
 def test_engine_matches_generate_for_each_request(pos, attention):
     model = MODELS[pos]
@@ -69,7 +69,7 @@ def test_engine_matches_generate_for_each_request(pos, attention):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), pos=st.sampled_from(["learned", "rope"]), block_size=st.sampled_from([2, 4, 8]),
        num_blocks=st.integers(12, 40), max_seqs=st.integers(1, 6), budget=st.integers(4, 48),
-       attention=st.sampled_from(["gather", "paged"]), async_scheduling=st.booleans())
+       attention=st.sampled_from(["gather", "paged", "rows"]), async_scheduling=st.booleans())
 def test_random_workloads_match_generate_with_preemption_and_prefix_sharing(data, pos, block_size, num_blocks,
                                                                            max_seqs, budget, attention,
                                                                            async_scheduling):
@@ -97,7 +97,7 @@ def test_random_workloads_match_generate_with_preemption_and_prefix_sharing(data
             assert req.output_ids == want and req.finish_reason == "length"
 
 
-@pytest.mark.parametrize("attention,async_scheduling", [("gather", False), ("paged", False), ("gather", True)])
+@pytest.mark.parametrize("attention,async_scheduling", [("gather", False), ("paged", False), ("rows", False), ("rows", True)])
 def test_small_pool_forces_preemption_and_outputs_stay_exact(attention, async_scheduling):
     model = MODELS["rope"]
     g = torch.Generator().manual_seed(3)
@@ -305,6 +305,89 @@ def test_attention_over_blocks_in_place_equals_the_gather(pos):
     want = _decode_steps(model, PROMPTS, 4, in_place=False)
     assert torch.allclose(_decode_steps(model, PROMPTS, 4, in_place=True), want, atol=1e-5)
 
+
+
+def _decode_rows(model, prompts, steps):
+    """:func:`_decode_steps` through a :class:`~kv_cache.paged.rows.RowBuffer`: the same keys,
+    read from dense rows.  A sequence that came and left held row 1 (its 30 stale keys stay
+    there, more than the prompt that gets the row next) and one that is still being prefilled
+    holds row 0, so the first decode steps run rows 1, 2, 3 out of order with row 0 as padding;
+    when that one leaves, the next step moves row 3 down into row 0 (compaction)."""
+    from kv_cache.paged.rows import RowBuffer
+
+    cfg = model.config
+    pool = BlockPool(num_layers=cfg.n_layers, num_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, block_size=4,
+                     max_blocks=48, preallocate=True)
+    bm = BlockManager(pool, enable_prefix_caching=False)
+    rows = RowBuffer(bm, rows=4, max_len=cfg.max_seq_len)
+
+    def prefill(sid, p):
+        done = bm.allocate(sid, p)
+        step = bm.batch([(sid, len(p) - done)], packed=True)
+        rows.attach(step, [(sid, len(p) - done)])
+        model(torch.tensor([p[done:]]), cache=step, cache_position=step.query_positions)
+        rows.advance(sid, len(p))
+        bm.commit(sid, len(p) - done, p)
+
+    out, layouts = [], []
+    with torch.inference_mode():
+        prefill("idle", [3] * 30)
+        prefill("gone", [5] * 30)
+        assert [rows.assign(s) for s in ("idle", "gone")] == [0, 1]
+        bm.free("gone")
+        bm.enable_prefix_caching = True  # the second prompt revives the first one's two full blocks
+        for i in (2, 0, 1):  # row 1 is taken back from "gone", then rows 2 and 3
+            prefill(i, prompts[i])
+        assert [rows.row_of[i] for i in range(3)] == [2, 3, 1] and rows.filled[1] == len(prompts[2])
+        ids = torch.tensor([[p[-1]] for p in prompts])
+        for t in range(steps):
+            if t == 2:
+                bm.free("idle")
+            step = rows.step([(i, 1) for i in range(len(prompts))])
+            layouts.append((step.R, step.row_list))
+            row_ids = torch.zeros(step.R, 1, dtype=torch.long).index_copy_(0, step.index, ids)  # padding: 0
+            logits = model(row_ids, cache=step, cache_position=step.query_positions)[:, -1].index_select(0, step.index)
+            for i in range(len(prompts)):
+                rows.advance(i, bm.length(i) + 1)
+                bm.commit(i, 1)
+            ids = logits.argmax(-1, keepdim=True)
+            out.append(logits)
+    assert layouts == [(4, [2, 3, 1])] * 2 + [(3, [2, 0, 1])] * (steps - 2)
+    assert bm.prefix_hit_tokens == 8
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_decode_over_dense_rows_equals_the_gather(pos):
+    """``attention="rows"``: the keys read in place from a request's row (padding rows, rows out
+    of order, a reused row's stale keys hidden by causality, prefix blocks copied in once, a row
+    moved down when a lower one frees) give the logits the gathering step gives."""
+    model = MODELS[pos]
+    want = _decode_steps(model, PROMPTS, 4, in_place=False)
+    assert torch.allclose(_decode_rows(model, PROMPTS, 4), want, atol=1e-5)
+
+
+def test_a_rows_step_hands_attention_views_of_the_buffer_not_copies():
+    from kv_cache.paged.rows import RowBuffer
+
+    pool = BlockPool(num_layers=1, num_kv_heads=2, head_dim=4, block_size=4, max_blocks=8, preallocate=True)
+    bm = BlockManager(pool)
+    rows = RowBuffer(bm, rows=3, max_len=16)
+    for sid, p in (("a", [1, 2, 3]), ("b", [4, 5])):
+        bm.allocate(sid, p)
+        bm.slots(sid, len(p))
+        bm.commit(sid, len(p), [])
+    step = rows.step([("b", 1), ("a", 1)])  # rows 0, 1: "b" was assigned first
+    assert (step.R, step.N, step.dense) == (2, 4, True) and step.query_positions.flatten().tolist() == [2, 3]
+    k, v = step.update(torch.ones(2, 2, 1, 4), torch.full((2, 2, 1, 4), 2.0), 0)
+    assert k.shape == (2, 2, 4, 4) and k.untyped_storage().data_ptr() == rows.storage.untyped_storage().data_ptr()
+    assert k[0, :, 2].eq(1).all() and v[1, :, 3].eq(2).all()  # each row's new key at its own position
+    assert torch.equal(pool.read(0, step.write_slots)[0], torch.ones(2, 2, 4))  # and in the pool
+    assert rows.nbytes == 2 * 1 * 3 * 2 * 16 * 4 * 4
+    with pytest.raises(ValueError, match="one token per sequence"):
+        rows.step([("a", 2)])
+    with pytest.raises(ValueError, match="rows must be a positive int"):
+        RowBuffer(bm, rows=0, max_len=16)
 
 def test_compiled_model_reads_blocks_in_place_exactly():
     """torch.compile of the whole forward over a ``PagedBlocks`` step: the compiled FlexAttention

@@ -7,6 +7,7 @@
 ``prefix_cache.py``  ``block_hash``: sharing the blocks of a common prompt prefix
 ``view.py``          ``PagedCacheView``: a batch of the manager's sequences behind the ``Cache`` API
 ``block_manager.py`` ``BlockManager`` / ``PagedBatch``: the pool as a serving engine's memory, step by step
+``rows.py``          ``RowBuffer`` / ``RowsStep``: a dense row per running request, read in place (CPU decoding)
 ``pool_stats.py``    counters and the statistics dictionary
 ``monitor.py``       ``CachePerformanceMonitor``: snapshots, trends and recommendations
 """
@@ -17,8 +18,9 @@ from .block_pool import BlockPool
 from .config import CacheConfig, EvictionPolicy, create_cache_config_for_speculative_decoding
 from .monitor import CachePerformanceMonitor
 from .prefix_cache import block_hash
+from .rows import RowBuffer, RowsStep
 from .view import PagedCacheView
 
 __all__ = ["AdvancedKVCache", "BlockManager", "BlockPool", "CacheConfig", "CachePerformanceMonitor", "EvictionPolicy",
-           "PagedBatch", "PagedBlocks",
+           "PagedBatch", "PagedBlocks", "RowBuffer", "RowsStep",
            "PagedCacheView", "block_hash", "create_cache_config_for_speculative_decoding"]

@@ -275,6 +275,7 @@ class PagedBatch:
         self._varlen = None
         self.fresh = False  # the keys read are the keys written, in order (no history): no gather
         self.scratch = None  # (2, N, H * D) gather buffer, shared by the layers (one allocation per step)
+        self.mirror = None  # (RowBuffer, rows (T,), positions (T,)): also write the new keys there (RowBuffer.attach)
 
     def update(self, key: Tensor, value: Tensor, layer_idx: int,
                cache_position: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
@@ -283,6 +284,9 @@ class PagedBatch:
             raise ValueError(f"this PagedBatch step takes keys of shape {tuple(self.write_slots.shape)} + (H_kv, D), "
                              f"got {tuple(key.shape)}")
         self.pool.write(layer_idx, self.write_slots.flatten(), key.flatten(0, 1), value.flatten(0, 1))
+        if self.mirror is not None:
+            buffer, rows, positions = self.mirror
+            buffer.write(layer_idx, rows, positions, key.flatten(0, 1), value.flatten(0, 1))
         if self.fresh:
             return key, value
         slots = self.read_slots.flatten()

@@ -163,7 +163,11 @@ def serve(engine, arrivals):
     waiting, who was preempted, every block table, the free blocks, the tokens that went through
     the model, and the prompt tokens that did not have to because the prefix cache held them."""
     pending, rids, trace, fed = list(arrivals), [], [], []
-    hook = engine.model.register_forward_pre_hook(lambda module, args: fed.append(args[0].numel()))
+
+    def count(module, args, kwargs):  # requests' tokens (a CPU decode step also runs idle padding rows)
+        fed.append(getattr(kwargs.get("cache"), "num_sequences", args[0].numel()))
+
+    hook = engine.model.register_forward_pre_hook(count, with_kwargs=True)
     while pending or engine.has_unfinished():
         while pending and pending[0][0] <= len(trace):
             _, prompt, n = pending.pop(0)
@@ -310,8 +314,10 @@ for s in range(8):
 # hash, so that a later request with the same prompt could still revive them from the prefix
 # cache (section 4), and they go to the back of the list, to be handed out last. Block 8, partly
 # filled, goes to the front: request 4, admitted at step 3, takes it first, then blocks 11 and 12.
-# Physical blocks need not be contiguous, nor in order: the attention gathers a request's keys at
-# the slots `table[p // 4] * 4 + p % 4`.
+# Physical blocks need not be contiguous, nor in order: a request's key at position `p` is in slot
+# `table[p // 4] * 4 + p % 4`. On a GPU attention reads the blocks there, in place; on a CPU the
+# engine also writes each running request's keys into one dense row of its own
+# (`attention="rows"`, the fastest path measured there) and attention reads that row.
 #
 # The whole run, drawn two ways: which request owns each physical block after each step (white:
 # free), and how many blocks each request holds.

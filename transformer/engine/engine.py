@@ -65,8 +65,10 @@ class LLMEngine:
         eos_token_id: stops every request unless it sets its own ``stop_token_ids``: one id or a
             list (default: the model config's ``eos_token_id``); :attr:`eos_token_ids` is the tuple.
         attention: how decode steps read the history: ``"auto"`` (``"paged"`` on CUDA,
-            ``"gather"`` on CPU), ``"paged"`` (FlexAttention over the blocks in place) or
-            ``"gather"`` (copy each row's history, then SDPA); see :mod:`.runner`.
+            ``"rows"`` on CPU), ``"paged"`` (FlexAttention over the blocks in place), ``"rows"``
+            (each running request's keys also kept in a dense row, read in place by SDPA;
+            costs a ``max_num_seqs x max_seq_len`` buffer beside the pool) or ``"gather"``
+            (copy each row's history, then SDPA); see :mod:`.runner`.
         cuda_graph: replay decode steps as CUDA graphs (default: on with ``"paged"`` on CUDA;
             holds one block of the pool for padding rows).
         async_scheduling: overlap the host's work with the device's: schedule and stage step
@@ -76,7 +78,8 @@ class LLMEngine:
 
     Use: :meth:`add_request` then :meth:`step` until :meth:`has_unfinished` is False, or
     :meth:`generate` for a list of prompts.  Cost per step: one forward over the step's tokens
-    (``"gather"``: plus a copy of every running request's history per layer).
+    (``"gather"``: plus a copy of every running request's history per layer; ``"rows"``: plus
+    a second write of each new token).
     """
 
     def __init__(self, model, *, num_blocks: int = 256, block_size: int = 16, max_num_seqs: int = 32,

@@ -10,8 +10,13 @@ pass and owns everything about running it fast, none of the maths:
   ``attention``:
 
   - ``"gather"``: each layer copies every row's history into a padded ``(B, N)`` batch
-    (``index_select``) and runs ``scaled_dot_product_attention``.  On a CPU this is the fastest
-    correct path measured here (``docs/serving.md``);
+    (``index_select``) and runs ``scaled_dot_product_attention``: no memory beyond the pool;
+  - ``"rows"``: each running request also owns a row of a dense
+    :class:`~kv_cache.paged.rows.RowBuffer` (``(max_num_seqs, H, max_seq_len, D)`` per layer,
+    a static batch's cache layout); every key is written to its pool slot *and* its row, and a
+    decode step hands attention the rows in place.  No per-step copy, at the price of that
+    buffer's memory on top of the pool.  The fastest correct path measured on a CPU, the
+    default there (``docs/serving.md``);
   - ``"paged"``: a :class:`~kv_cache.paged.block_manager.PagedBlocks` step; the model builds a
     FlexAttention block mask whose sparse rows *are* the block tables, so attention reads each
     row's blocks where they are in the pool (no copy of the history).  On a GPU this is what
@@ -35,6 +40,7 @@ import numpy as np
 import torch
 
 from kv_cache.paged.block_manager import BlockManager, PagedBlocks
+from kv_cache.paged.rows import RowBuffer
 
 PAD_SEQ = "<cuda-graph padding>"  # the block manager's name for the runner's padding block
 
@@ -45,7 +51,8 @@ class ModelRunner:
     Args:
         model: the decoder-only model (its device and dtype are the pool's).
         blocks: the engine's :class:`~kv_cache.paged.block_manager.BlockManager`.
-        attention: ``"auto"`` (``"paged"`` on CUDA, ``"gather"`` on CPU), ``"paged"`` or ``"gather"``.
+        attention: ``"auto"`` (``"paged"`` on CUDA, ``"rows"`` on CPU), ``"paged"``, ``"rows"`` or
+            ``"gather"``; see the module docstring.
         cuda_graph: replay decode steps as CUDA graphs (default: on for ``"paged"`` on CUDA).
         max_num_seqs: largest decode batch (the largest graph bucket).
     """
@@ -53,11 +60,11 @@ class ModelRunner:
     def __init__(self, model, blocks: BlockManager, *, attention: str = "auto", cuda_graph: Optional[bool] = None,
                  max_num_seqs: int = 32):
         dev = blocks.pool.device
-        if attention not in ("auto", "paged", "gather"):
-            raise ValueError(f"attention must be 'auto', 'paged' or 'gather', got {attention!r}")
+        if attention not in ("auto", "paged", "rows", "gather"):
+            raise ValueError(f"attention must be 'auto', 'paged', 'rows' or 'gather', got {attention!r}")
         small_heads = model.config.head_dim < 16  # FlexAttention's GPU kernels need head_dim >= 16
         if attention == "auto":
-            attention = "paged" if dev.type == "cuda" and not small_heads else "gather"
+            attention = "rows" if dev.type != "cuda" else "gather" if small_heads else "paged"
         if attention == "paged" and dev.type == "cuda" and small_heads:
             raise ValueError(f"attention='paged' on CUDA needs head_dim >= 16 (FlexAttention's kernels), this model "
                              f"has head_dim={model.config.head_dim}; use attention='gather'")
@@ -69,6 +76,7 @@ class ModelRunner:
         self.model, self.blocks, self.attention, self.cuda_graph = model, blocks, attention, cuda_graph
         self.device = dev
         self.graphs: Dict[int, Tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.rows = RowBuffer(blocks, max_num_seqs, model.config.max_seq_len) if attention == "rows" else None
         if cuda_graph:
             self._init_graph_buffers(max_num_seqs)
 
@@ -81,8 +89,14 @@ class ModelRunner:
             ids += r.tokens(r.num_computed, r.num_computed + n)
             last.append(len(ids) - 1)
         dev = self.device
-        return self.model(torch.tensor([ids], device=dev), cache=batch, cache_position=batch.query_positions,
-                          num_logits_to_keep=torch.tensor(last, device=dev))[0]  # (len(chunks), V)
+        if self.rows is not None:  # the new keys go to the requests' rows too
+            self.rows.attach(batch, [(r.request_id, n) for r, n in chunks])
+        logits = self.model(torch.tensor([ids], device=dev), cache=batch, cache_position=batch.query_positions,
+                            num_logits_to_keep=torch.tensor(last, device=dev))[0]  # (len(chunks), V)
+        if self.rows is not None:
+            for r, n in chunks:
+                self.rows.advance(r.request_id, r.num_computed + n)
+        return logits
 
     # ------------------------------------------------------------------ decode
     def decode(self, chunks: Sequence[Tuple[object, int]], pending: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -94,6 +108,8 @@ class ModelRunner:
         step's ids are completed on the device, with no wait."""
         if self.cuda_graph and len(chunks) <= self.buckets[-1]:
             return self._replay(chunks, pending)
+        if self.rows is not None:
+            return self._decode_rows(chunks, pending)
         sids = [(r.request_id, 1) for r, _ in chunks]
         batch = self.blocks.batch(sids, packed=False, in_place=self.attention == "paged")
         ids, src = self._ids([r for r, _ in chunks])
@@ -101,6 +117,24 @@ class ModelRunner:
         if any(i >= 0 for i in src):
             ids = self._fill_pending(ids, torch.tensor(src, device=self.device).unsqueeze(-1), pending)
         return self.model(ids, cache=batch, cache_position=batch.query_positions)[:, -1]  # (B, V)
+
+    def _decode_rows(self, chunks: Sequence[Tuple[object, int]], pending: Optional[torch.Tensor]) -> torch.Tensor:
+        """A decode step over the rows of :attr:`rows` (``attention="rows"``): the model runs
+        rows ``0 .. R-1`` of the buffer, padding rows among them, and the requests' logits are
+        picked out in ``chunks`` order."""
+        reqs = [r for r, _ in chunks]
+        step = self.rows.step([(r.request_id, 1) for r in reqs])
+        ids, src = self._ids(reqs)
+        row_ids, row_src = [0] * step.R, [-1] * step.R  # padding rows: token 0, at position 0
+        for row, i, j in zip(step.row_list, ids, src):
+            row_ids[row], row_src[row] = i, j
+        ids_t = torch.tensor(row_ids, device=self.device).unsqueeze(-1)  # (R, 1)
+        if any(j >= 0 for j in src):
+            ids_t = self._fill_pending(ids_t, torch.tensor(row_src, device=self.device).unsqueeze(-1), pending)
+        logits = self.model(ids_t, cache=step, cache_position=step.query_positions)[:, -1]  # (R, V)
+        for r in reqs:
+            self.rows.advance(r.request_id, r.num_computed + 1)
+        return logits if step.dense else logits.index_select(0, step.index)  # (B, V)
 
     @staticmethod
     def _ids(requests) -> Tuple[List[int], List[int]]:
