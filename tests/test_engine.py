@@ -388,6 +388,9 @@ def test_a_rows_step_hands_attention_views_of_the_buffer_not_copies():
         rows.step([("a", 2)])
     with pytest.raises(ValueError, match="rows must be a positive int"):
         RowBuffer(bm, rows=0, max_len=16)
+    short = RowBuffer(bm, rows=3, max_len=3)
+    with pytest.raises(ValueError, match="would hold 4 tokens; a row holds max_len=3"):
+        short.step([("a", 1)])
 
 def test_compiled_model_reads_blocks_in_place_exactly():
     """torch.compile of the whole forward over a ``PagedBlocks`` step: the compiled FlexAttention
@@ -423,3 +426,21 @@ def test_a_packed_step_describes_its_mask_for_a_varlen_kernel_too():
         for j in range(nq):  # query j of sequence i sees its first nk - nq + j + 1 keys
             want[cu_q[i] + j, cu_k[i]:cu_k[i] + nk - nq + j + 1] = True
     assert torch.equal(dense, want)
+
+
+def test_auto_takes_the_rows_on_a_cpu_only_where_their_buffer_fits():
+    """The row buffer reserves every row's longest length: fine for a short-context model, far
+    more than the pool for a long-context one, where ``"auto"`` falls back to gathering."""
+    from transformer import DecoderOnlyTransformer, ModelConfig
+    from transformer.engine.runner import ModelRunner
+
+    small = LLMEngine(MODELS["rope"], num_blocks=16, block_size=4)
+    assert small.runner.attention == "rows" and small.runner.rows.nbytes == ModelRunner.rows_bytes(
+        MODELS["rope"], 32, 4)
+    long_ctx = DecoderOnlyTransformer(ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4,
+                                                  max_seq_len=1 << 18, pos_encoding="rope")).eval()
+    # 32 rows x 2^18 tokens x 2 layers x 32 channels x 2 x 4 bytes = 4 GiB: more than 256 MiB and the pool
+    engine = LLMEngine(long_ctx, num_blocks=16, block_size=4)
+    assert engine.runner.attention == "gather" and engine.runner.rows is None
+    prompt = [1, 2, 3]
+    assert engine.generate([prompt], SamplingParams(max_tokens=3))[0] == alone(long_ctx, prompt, 3)

@@ -115,6 +115,10 @@ class RowBuffer:
             self.row_of[self.owner[dst][0]] = dst
             self.owner[src], self.filled[src] = None, 0
 
+    def _check_fits(self, sid: Hashable, end: int) -> None:
+        if end > self.max_len:
+            raise ValueError(f"sequence {sid!r} would hold {end} tokens; a row holds max_len={self.max_len}")
+
     def sync(self, sid: Hashable, upto: int) -> None:
         """Make row ``sid``'s positions ``0 .. upto-1`` hold the sequence's keys, copying the
         missing ones from the pool (blocks revived from the prefix cache, which no step of this
@@ -151,6 +155,7 @@ class RowBuffer:
         rows, positions = [], []
         for sid, n in chunks:
             start = self.blocks.length(sid)
+            self._check_fits(sid, start + n)
             self.sync(sid, start)
             rows += [self.row_of[sid]] * n
             positions += range(start, start + n)
@@ -168,6 +173,7 @@ class RowBuffer:
         self.compact()
         starts = [self.blocks.length(sid) for sid, _ in chunks]
         for (sid, _), st in zip(chunks, starts):
+            self._check_fits(sid, st + 1)
             self.sync(sid, st)
         rows = [self.row_of[sid] for sid, _ in chunks]
         writes = [self.blocks.slots(sid, 1)[0] for sid, _ in chunks]

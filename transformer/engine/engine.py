@@ -65,7 +65,8 @@ class LLMEngine:
         eos_token_id: stops every request unless it sets its own ``stop_token_ids``: one id or a
             list (default: the model config's ``eos_token_id``); :attr:`eos_token_ids` is the tuple.
         attention: how decode steps read the history: ``"auto"`` (``"paged"`` on CUDA,
-            ``"rows"`` on CPU), ``"paged"`` (FlexAttention over the blocks in place), ``"rows"``
+            ``"rows"`` on CPU where its buffer fits, ``ModelRunner.rows_fit``, else ``"gather"``),
+            ``"paged"`` (FlexAttention over the blocks in place), ``"rows"``
             (each running request's keys also kept in a dense row, read in place by SDPA;
             costs a ``max_num_seqs x max_seq_len`` buffer beside the pool) or ``"gather"``
             (copy each row's history, then SDPA); see :mod:`.runner`.

@@ -51,8 +51,9 @@ class ModelRunner:
     Args:
         model: the decoder-only model (its device and dtype are the pool's).
         blocks: the engine's :class:`~kv_cache.paged.block_manager.BlockManager`.
-        attention: ``"auto"`` (``"paged"`` on CUDA, ``"rows"`` on CPU), ``"paged"``, ``"rows"`` or
-            ``"gather"``; see the module docstring.
+        attention: ``"auto"`` (``"paged"`` on CUDA; on a CPU ``"rows"`` where its buffer fits,
+            :meth:`rows_fit`, else ``"gather"``), ``"paged"``, ``"rows"`` or ``"gather"``; see the
+            module docstring.
         cuda_graph: replay decode steps as CUDA graphs (default: on for ``"paged"`` on CUDA).
         max_num_seqs: largest decode batch (the largest graph bucket).
     """
@@ -64,7 +65,8 @@ class ModelRunner:
             raise ValueError(f"attention must be 'auto', 'paged', 'rows' or 'gather', got {attention!r}")
         small_heads = model.config.head_dim < 16  # FlexAttention's GPU kernels need head_dim >= 16
         if attention == "auto":
-            attention = "rows" if dev.type != "cuda" else "gather" if small_heads else "paged"
+            attention = ("paged" if not small_heads else "gather") if dev.type == "cuda" else \
+                "rows" if self.rows_fit(model, blocks, max_num_seqs) else "gather"
         if attention == "paged" and dev.type == "cuda" and small_heads:
             raise ValueError(f"attention='paged' on CUDA needs head_dim >= 16 (FlexAttention's kernels), this model "
                              f"has head_dim={model.config.head_dim}; use attention='gather'")
@@ -79,6 +81,28 @@ class ModelRunner:
         self.rows = RowBuffer(blocks, max_num_seqs, model.config.max_seq_len) if attention == "rows" else None
         if cuda_graph:
             self._init_graph_buffers(max_num_seqs)
+
+    #: ``attention="auto"`` on a CPU takes ``"rows"`` while the row buffer is at most this many
+    #: bytes, or no larger than the pool: the buffer reserves every row's maximum length, which
+    #: for a long-context model (a 128K-token Llama) would be far more than the pool itself.
+    ROWS_AUTO_BYTES = 256 * 2 ** 20
+
+    @staticmethod
+    def rows_bytes(model, max_num_seqs: int, itemsize: int) -> int:
+        """Bytes of the ``attention="rows"`` buffer: keys and values of ``max_num_seqs`` rows of
+        ``max_seq_len`` tokens, every layer."""
+        cfg = model.config
+        return 2 * cfg.n_layers * max_num_seqs * cfg.n_kv_heads * cfg.max_seq_len * cfg.head_dim * itemsize
+
+    @classmethod
+    def rows_fit(cls, model, blocks: BlockManager, max_num_seqs: int) -> bool:
+        """Does ``"auto"`` pick ``"rows"`` on a CPU: is its buffer at most :attr:`ROWS_AUTO_BYTES`
+        or no larger than the pool (``num_blocks`` blocks)?"""
+        pool = blocks.pool
+        need = cls.rows_bytes(model, max_num_seqs, pool.storage.element_size())
+        pool_bytes = 2 * pool.num_layers * pool.max_blocks * pool.block_size * pool.num_kv_heads * pool.head_dim \
+            * pool.storage.element_size()
+        return need <= max(cls.ROWS_AUTO_BYTES, pool_bytes)
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, chunks: Sequence[Tuple[object, int]]) -> torch.Tensor:
