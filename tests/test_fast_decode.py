@@ -179,6 +179,27 @@ def test_uniform_noise_is_a_pure_function_in_the_open_unit_interval():
     assert not torch.equal(u[0], u[1])  # rows draw independently
 
 
+def test_top_k_draw_scores_only_the_candidates_and_draws_what_the_full_pass_draws():
+    """``top_k`` alone: ``sample_on_device`` scores the ``k`` candidates (their noise from
+    ``noise_at``), and picks the token the pass over the whole vocabulary picks (float32 logits:
+    no tie at the k-th place)."""
+    from transformer.fast_decode import noise_at
+    g = torch.Generator().manual_seed(5)
+    seed, c = torch.tensor([41]), torch.tensor([9])
+    cols = torch.randint(0, 500, (6, 7), generator=g)
+    assert torch.equal(noise_at(seed, c, cols), uniform_noise(seed, c, 6, 500).gather(1, cols))
+    differs = 0
+    for t in range(50):
+        logits = torch.randn(6, 500, generator=g) * 3
+        seed, c = torch.tensor([t]), torch.tensor([3 * t])
+        for temperature, k in ((0.8, 200), (1.0, 5), (1.7, 40), (1e-3, 3)):
+            full = (process_logits(logits, temperature, k) - torch.log(-torch.log(uniform_noise(seed, c, 6, 500))))
+            got = sample_on_device(logits, seed, c, temperature, k)
+            assert torch.equal(got, full.argmax(-1)), (t, temperature, k)
+            differs += int((got != logits.argmax(-1)).sum())
+    assert differs > 100  # really sampled, not the argmax
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.7, None, None), (1.3, 4, None),
                                                      (1.0, None, 0.8), (0.9, 5, 0.7)])
 def test_sampler_follows_process_logits(temperature, top_k, top_p):

@@ -94,12 +94,17 @@ def uniform_noise(seed: torch.Tensor, counter: torch.Tensor, batch: int, vocab: 
     is compiled or replayed as a CUDA graph draws exactly what the eager step would.
     Resolution: 24 bits per draw.  Cost: about ten integer ops per element.
     """
+    return noise_at(seed, counter, torch.arange(vocab, device=seed.device).expand(batch, vocab))
+
+
+def noise_at(seed: torch.Tensor, counter: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """:func:`uniform_noise` at token ids ``cols`` ``(B, n)`` only: ``noise_at(...)[b, j] ==
+    uniform_noise(...)[b, cols[b, j]]``, bit for bit (the noise is a hash of row and token)."""
     dev = seed.device
     step = _mix32((seed ^ _mix32(counter & _M32)) & _M32)  # (1,)
-    rows = torch.arange(batch, device=dev)
+    rows = torch.arange(cols.shape[0], device=dev)
     row_key = _mix32((step + rows * _ROW_STRIDE) & _M32)  # (B,)
-    cols = torch.arange(vocab, device=dev)
-    bits = _mix32(row_key[:, None] ^ cols)  # (B, V)
+    bits = _mix32(row_key[:, None] ^ cols)  # (B, n)
     return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
@@ -115,9 +120,22 @@ def sample_on_device(logits: torch.Tensor, seed: torch.Tensor, counter: torch.Te
     distribution is exactly the eager sampler's; removed tokens are ``-inf`` and never win.
     24-bit noise truncates the Gumbel tail: a token whose probability is below ~1e-7 of the
     winner's can never be drawn.  Cost: ``O(V)`` per row, plus top-k / top-p's sort.
+
+    With ``top_k`` alone (gpt-fast's setting) only the ``k`` candidates can win, so only they
+    are scored: one ``topk`` of the raw logits (temperature does not change the order), then
+    temperature, noise (:func:`noise_at`, the very numbers the full draw would add there) and
+    the ``argmax`` over ``k`` entries, ties going to the smallest token id as ``argmax`` over
+    the vocabulary does -- the draw of the full pass (up to a tie of the ``k``-th largest
+    logit, where either set is a valid top-k), without writing, hashing and reducing ``V``
+    numbers per row (measured on an H200, Llama-3.2-1B shape: ~125 of a 1,160 us step).
     """
+    V = logits.shape[-1]
+    if top_k is not None and top_p is None and temperature != 0 and top_k < V:
+        vals, idx = torch.topk(logits.float(), top_k, dim=-1, sorted=False)  # (B, k): the only possible winners
+        z = process_logits(vals, temperature) - torch.log(-torch.log(noise_at(seed, counter, idx)))
+        return torch.where(z == z.amax(dim=-1, keepdim=True), idx, V).amin(dim=-1)
     scores = process_logits(logits, temperature, top_k, top_p)
-    u = uniform_noise(seed, counter, logits.shape[0], logits.shape[1])
+    u = uniform_noise(seed, counter, logits.shape[0], V)
     return (scores - torch.log(-torch.log(u))).argmax(dim=-1)
 
 
