@@ -78,6 +78,23 @@ def test_temperature_zero_and_do_sample_false_are_greedy():
     assert torch.equal(sample_next_token(logits, do_sample=False, temperature=5.0), logits.argmax(-1))
 
 
+def test_a_filter_no_row_uses_can_be_left_out():
+    """``top_k``/``top_p`` of ``None`` (no row filters; the engine then skips the sort) give
+    what no-op filters (``k = V``, ``p = 1``) give, bit for bit."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 50, generator=g) * 4
+    temperature = torch.tensor([0.3, 1.0, 1.7, 0.9])
+    k, p = torch.tensor([50, 3, 50, 7]), torch.tensor([1.0, 1.0, 0.6, 0.8])
+    none_k, none_p = torch.full((4,), 50), torch.ones(4)
+    full = process_logits_rows(logits, temperature, none_k, none_p)
+    assert torch.equal(process_logits_rows(logits, temperature, None, None), full)
+    assert torch.isfinite(full).all()
+    assert torch.equal(process_logits_rows(logits, temperature, k, None), process_logits_rows(logits, temperature, k,
+                                                                                               none_p))
+    assert torch.equal(process_logits_rows(logits, temperature, None, p), process_logits_rows(logits, temperature,
+                                                                                               none_k, p))
+
+
 @pytest.mark.parametrize("settings_", [dict(temperature=1.0), dict(temperature=0.7, top_k=4),
                                        dict(temperature=1.3, top_p=0.8), dict(temperature=0.8, top_k=5, top_p=0.9)])
 def test_empirical_frequencies_match_processed_distribution(settings_):

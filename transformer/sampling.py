@@ -258,19 +258,21 @@ def sample_next_token(logits: torch.Tensor, do_sample: bool = False, temperature
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def process_logits_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                        top_p: torch.Tensor) -> torch.Tensor:
+def process_logits_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: Optional[torch.Tensor],
+                        top_p: Optional[torch.Tensor]) -> torch.Tensor:
     """:func:`process_logits` with settings that differ per row, in one batched pass.
 
     ``logits`` ``(B, V)``; ``temperature`` ``(B,)`` float, each ``> 0`` (greedy rows take the
     argmax and never come here); ``top_k`` ``(B,)`` long (``V`` for none); ``top_p`` ``(B,)``
-    float (``1.0`` for none).  Returns ``(B, V)`` float32 with the filtered tokens at ``-inf``.
+    float (``1.0`` for none); either may be ``None``: no row filters that way.  Returns
+    ``(B, V)`` float32 with the filtered tokens at ``-inf``.
 
     Row ``b`` gets what ``process_logits(logits[b:b+1], temperature[b], top_k[b], top_p[b])``
     gives, and **only row b's own values decide it** (every operation is per row), so a
     request's distribution does not depend on what else is in the batch.  One descending sort
     serves both filters: top-k keeps the first ``k`` sorted entries, top-p then the prefix
-    whose mass before each token is ``< p``.  Cost: one sort of ``B x V`` and a few ``B x V``
+    whose mass before each token is ``< p``.  Cost: one sort of ``B x V`` (none when both
+    filters are ``None``: temperature alone, as OpenAI's API defaults) and a few ``B x V``
     elementwise passes on the device, no host synchronisation (a serving engine samples every
     step without waiting for the GPU).
     """
@@ -280,11 +282,15 @@ def process_logits_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: 
     # the three branches of process_logits, chosen per row: shift-then-divide below 1, divide above
     cooled = torch.where(logits == top, 0.0, (logits - top) / t)
     logits = torch.where(t < 1, cooled, torch.where(t > 1, logits / t, logits))
+    if top_k is None and top_p is None:
+        return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    rank = torch.arange(logits.shape[-1], device=logits.device)
-    sorted_logits = sorted_logits.masked_fill(rank >= top_k.unsqueeze(-1), float("-inf"))
-    probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    p = torch.where(top_p >= 1, float("inf"), top_p.float()).unsqueeze(-1)  # p >= 1 keeps all, as process_logits
-    sorted_logits = sorted_logits.masked_fill(mass_before >= p, float("-inf"))
+    if top_k is not None:
+        rank = torch.arange(logits.shape[-1], device=logits.device)
+        sorted_logits = sorted_logits.masked_fill(rank >= top_k.unsqueeze(-1), float("-inf"))
+    if top_p is not None:
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        p = torch.where(top_p >= 1, float("inf"), top_p.float()).unsqueeze(-1)  # p >= 1 keeps all, as process_logits
+        sorted_logits = sorted_logits.masked_fill(mass_before >= p, float("-inf"))
     return sorted_logits.scatter(-1, order, sorted_logits)

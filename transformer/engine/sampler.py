@@ -10,8 +10,8 @@ depends on its seed and its step count only, never on its neighbours in the batc
 
 Nothing here reads a value back to the host: the engine copies the ``(B,)`` tokens back
 asynchronously and can schedule the next step meanwhile.  Cost: one argmax over ``B x V``;
-for sampled rows one sort of their logits, a few elementwise passes and one noise kernel per
-request (its own generator).
+for sampled rows one sort of their logits (only if some row uses top-k or top-p), a few
+elementwise passes and one noise kernel per request (its own generator).
 """
 
 from __future__ import annotations
@@ -36,8 +36,11 @@ def sample_step(logits: torch.Tensor, requests: Sequence) -> torch.Tensor:
     dev, V = logits.device, logits.shape[-1]
     settings = [requests[b].params.settings for b in rows]
     temperature = torch.tensor([s.temperature for s in settings], device=dev)
-    top_k = torch.tensor([V if s.top_k is None else min(s.top_k, V) for s in settings], device=dev)
-    top_p = torch.tensor([1.0 if s.top_p is None else s.top_p for s in settings], device=dev)
+    # (a filter no row uses is left out: with neither, no sort of the step's logits at all)
+    top_k = torch.tensor([V if s.top_k is None else min(s.top_k, V) for s in settings], device=dev) \
+        if any(s.top_k is not None and s.top_k < V for s in settings) else None
+    top_p = torch.tensor([1.0 if s.top_p is None else s.top_p for s in settings], device=dev) \
+        if any(s.top_p is not None and s.top_p < 1 for s in settings) else None
     index = torch.tensor(rows, device=dev)
     probs = torch.softmax(process_logits_rows(logits.index_select(0, index), temperature, top_k, top_p), dim=-1)
     noise = torch.empty_like(probs)
