@@ -19,8 +19,9 @@ position hides them: the mask is the model's ordinary one.
 The pool stays the memory of record: block tables, prefix caching, preemption and the memory
 limit are all its, and a request that starts from cached prefix blocks has them copied into its
 row once (:meth:`RowBuffer.sync`).  The price is memory: the buffer holds
-``2 * layers * rows * H_kv * max_len * D`` elements on top of the pool (the default model: 64
-rows x 256 tokens = 64 MB in float32), the reservation by maximum length that paging avoids --
+``2 * layers * rows * H_kv * max_len * D`` elements on top of the pool (the default model's
+shape, 4 layers x 256 channels: 32 rows, the server's default, of 256 tokens = 64 MiB in
+float32; 64 rows = 128 MiB), the reservation by maximum length that paging avoids --
 which is why this is the CPU's choice (memory is plentiful, bandwidth is not) and not the GPU's.
 This module knows no model.
 """
