@@ -84,7 +84,8 @@ def _timed(call, repeats: int, warmup: int, device) -> List[float]:
 
 def run_ours(args, batch: int) -> Dict[str, Any]:
     """This project's ``FastDecoder`` (``compile=True``; CUDA graphs on a GPU) on the shape; system
-    ``ours-tuned`` compiles with inductor's coordinate-descent tuning (gpt-fast's setting)."""
+    ``ours-tuned`` compiles with inductor's coordinate-descent tuning (gpt-fast's setting),
+    ``ours-autotune`` with its max-autotune."""
     from transformer import DecoderOnlyTransformer, FastDecoder
     device = torch.device(args.device)
     shape = QUICK if args.quick else LLAMA_1B
@@ -92,7 +93,8 @@ def run_ours(args, batch: int) -> Dict[str, Any]:
     with torch.device(device):
         model = DecoderOnlyTransformer(model_config(shape, args.prompt_len + args.new_tokens + 8))
     model = model.to(torch.bfloat16).eval()
-    options = {"coordinate_descent_tuning": True} if args.system == "ours-tuned" else None
+    options = {"ours-tuned": {"coordinate_descent_tuning": True},
+               "ours-autotune": {"max_autotune": True}}.get(args.system)
     fast = FastDecoder(model, batch_size=batch, max_cache_len=args.prompt_len + args.new_tokens + 1,
                        compile=not args.no_compile, compile_options=options)
     prompt = torch.randint(0, shape["vocab_size"], (batch, args.prompt_len), device=device)
@@ -156,15 +158,20 @@ def parent(args) -> Dict[str, Any]:
     device = torch.device(args.device)
     shape = QUICK if args.quick else LLAMA_1B
     bw = copy_bandwidth(device, (64 if args.quick else 2048) << 20)
-    systems = ["ours"] + (["ours-tuned"] if args.tuned else []) + (["gpt-fast"] if args.gpt_fast else [])
+    systems = (["ours"] + (["ours-tuned"] if args.tuned else []) + (["ours-autotune"] if args.autotune else [])
+               + (["gpt-fast"] if args.gpt_fast else []))
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         for system in systems:
             cmd = [sys.executable, "-m", "benchmarks.llama_decode_benchmark", "--child", "--system", system,
                    "--batches", str(batch)] + _child_flags(args)
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            res = json.loads(line[-1][7:]) if line else dict(error=(proc.stderr or proc.stdout)[-300:])
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired:  # a row of its own, not the end of the table
+                res = dict(error=f"no result within --timeout {args.timeout} s")
+            else:
+                line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                res = json.loads(line[-1][7:]) if line else dict(error=(proc.stderr or proc.stdout)[-300:])
             row = dict(system=system, batch=batch)
             if "times" in res:
                 t = statistics.median(res["times"])
@@ -211,11 +218,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="eager rows (no torch.compile)")
     p.add_argument("--tuned", action="store_true",
                    help="also a row of ours compiled with coordinate-descent tuning (as gpt-fast compiles)")
+    p.add_argument("--autotune", action="store_true",
+                   help="also a row of ours compiled with inductor's max-autotune (Triton matrix kernels timed "
+                        "against cuBLAS for each shape, with fused epilogues; minutes of compiling)")
     p.add_argument("--quick", action="store_true", help="a tiny shape: a smoke test of the script")
     p.add_argument("--timeout", type=int, default=900, help="seconds per system and batch size [900]")
     p.add_argument("--out", default=None, help="results JSON [benchmarks/results/llama_decode_<device>.json]")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--system", default="ours", choices=("ours", "ours-tuned", "gpt-fast"), help=argparse.SUPPRESS)
+    p.add_argument("--system", default="ours", choices=("ours", "ours-tuned", "ours-autotune", "gpt-fast"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("new_tokens", "prompt_len", "repeats"):
         if getattr(args, name) < 1:

@@ -165,6 +165,12 @@ def run_one_at_a_time(model, reqs):
     return summarize("one at a time (generate)", wall, sum(o for _, o in reqs), ttft, itl), tokens
 
 
+def _spread(row: Dict) -> str:
+    """``"mode min-max"`` of a row's throughputs over its repeated runs."""
+    xs = row["tokens_per_s_runs"]
+    return f"{row['mode']} {min(xs):.0f}-{max(xs):.0f}"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -197,10 +203,15 @@ def main(argv=None) -> None:
     p.add_argument("--no-static", action="store_true", help="skip static batching (then ratios are to the engine)")
     p.add_argument("--threads", type=int, default=None, help="torch threads [all cores]")
     p.add_argument("--no-one-at-a-time", action="store_true", help="skip the slowest mode")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run every mode N times, taking turns, and report each mode's median run: on a shared "
+                        "machine whose speed drifts, a ratio of medians of interleaved runs holds still [1]")
     p.add_argument("--quick", action="store_true", help="8 short requests: a smoke test (numbers mean nothing)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help=f"JSON to write [{DEFAULT_OUT}; --quick: none]")
     args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.transformers and not args.gpt2_shape:
         p.error("--transformers needs --gpt2-shape (a model both libraries load with the same weights)")
     if args.quick:
@@ -223,23 +234,29 @@ def main(argv=None) -> None:
         model = load_model(args.checkpoint)[0]
     model.to(device=args.device, dtype=getattr(torch, args.dtype))
     reqs = workload(args.requests, args.min_len, args.max_len, model.config.vocab_size, args.seed)
-    rows, outputs = [], {}
+    rows, outputs, runs = [], {}, {}
     with torch.inference_mode():
         model.generate(torch.tensor([reqs[0][0]], device=args.device), 4, eos_token_id=None)  # warm-up
         static = [(f"static{b}", None if args.no_static else
                    lambda b=b: run_static(model, reqs, b, args.static_compile)) for b in args.batch]
         continuous = [(f"continuous-{a}", lambda a=a: run_continuous(model, reqs, args, a)) for a in args.attention]
-        for name, fn in (*continuous, *static,
-                         ("transformers", None if not args.transformers else lambda: run_transformers_cb(
-                             hf_model, reqs, num_blocks=args.num_blocks, block_size=args.block_size,
-                             max_batch_tokens=args.max_num_batched_tokens, max_requests_per_batch=args.max_num_seqs)),
-                         ("one", None if args.no_one_at_a_time else lambda: run_one_at_a_time(model, reqs))):
-            if fn is None:
-                continue
-            row, toks = fn()
-            rows.append(row)
-            outputs[name] = toks
-            print(f"{row['mode']}: {row['tokens_per_s']:.1f} output tokens/s", flush=True)
+        modes = [(name, fn) for name, fn in (
+            *continuous, *static,
+            ("transformers", None if not args.transformers else lambda: run_transformers_cb(
+                hf_model, reqs, num_blocks=args.num_blocks, block_size=args.block_size,
+                max_batch_tokens=args.max_num_batched_tokens, max_requests_per_batch=args.max_num_seqs)),
+            ("one", None if args.no_one_at_a_time else lambda: run_one_at_a_time(model, reqs))) if fn is not None]
+        for _ in range(args.repeat):  # round-robin: a slow spell of the machine hits every mode alike
+            for name, fn in modes:
+                row, toks = fn()
+                runs.setdefault(name, []).append((row, toks))
+                print(f"{row['mode']}: {row['tokens_per_s']:.1f} output tokens/s", flush=True)
+    for name, _ in modes:
+        done = sorted(runs[name], key=lambda run: run[0]["tokens_per_s"])
+        row, toks = done[(len(done) - 1) // 2]  # the median run (the lower middle one of an even count)
+        row["tokens_per_s_runs"] = [run[0]["tokens_per_s"] for run in done]
+        rows.append(row)
+        outputs[name] = toks
     ref = outputs.get("one")
     for row, name in zip(rows, outputs):
         row["same_tokens_as_one_at_a_time"] = None if ref is None else sum(
@@ -262,7 +279,9 @@ def main(argv=None) -> None:
             f"prompt and output lengths uniform in [{args.min_len}, {args.max_len}], all at t=0, no early stop.  "
             f"Engine: {args.num_blocks} blocks of {args.block_size}, max_num_seqs {args.max_num_seqs}, "
             f"max_num_batched_tokens {args.max_num_batched_tokens}.  \"vs static\": against the best static row."
-            f"\n\n{table}\n")
+            + (f"  Each mode ran {args.repeat} times, taking turns; its median run is shown, with the range of "
+               f"its tokens/s: {'; '.join(_spread(r) for r in rows)}." if args.repeat > 1 else "")
+            + f"\n\n{table}\n")
     invariance = run_invariance(model, reqs, args) if args.invariance else []
     if invariance:
         text += "\nBatch invariance: the first requests run alone through the same engine, against the batch above.\n\n"

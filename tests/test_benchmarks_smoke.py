@@ -148,6 +148,25 @@ def test_serving_benchmark_quick_compares_three_modes_with_the_same_tokens(tmp_p
     assert "| continuous (LLMEngine, rows)" in printed and "| continuous (LLMEngine, gather)" in printed  # rows: the CPU default
 
 
+def test_serving_benchmark_repeat_reports_each_modes_median_run(tmp_path, capsys):
+    """``--repeat 3``: every mode runs three times, taking turns; its row is its median run, and
+    the table's header gives each mode's range."""
+    from benchmarks import serving_benchmark
+    out = tmp_path / "serving.json"
+    serving_benchmark.main(["--random", "--quick", "--attention", "rows", "--no-one-at-a-time", "--repeat", "3",
+                            "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]["rows"]
+    assert [r["mode"].split()[0] for r in rows] == ["continuous", "static"]
+    for r in rows:
+        runs = r["tokens_per_s_runs"]
+        assert len(runs) == 3 and runs == sorted(runs) and r["tokens_per_s"] == runs[1]
+    printed = capsys.readouterr().out
+    assert printed.count("continuous (LLMEngine, rows): ") == 3 and "Each mode ran 3 times" in printed
+    with pytest.raises(SystemExit):
+        serving_benchmark.main(["--random", "--quick", "--repeat", "0"])
+    assert "--repeat must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_serving_benchmark_times_transformers_continuous_batching_on_the_same_weights(tmp_path):
     from benchmarks import serving_benchmark
     out = tmp_path / "serving_hf.json"
@@ -168,6 +187,11 @@ def test_llama_decode_benchmark_quick_rows_and_bandwidth(tmp_path, capsys):
     assert [(r["system"], r["batch"]) for r in result["rows"]] == [("ours", 1), ("ours", 2)]
     assert all(r["tokens_per_s"] > 0 and 0 < r["pct_copy"] for r in result["rows"])
     assert out.is_file() and "| ours" in out.with_suffix(".md").read_text()
+    # a system that does not answer in time is a row saying so, not the end of the table
+    late = bench.main(["--quick", "--device", "cpu", "--no-compile", "--batches", "1", "--autotune", "--timeout", "1",
+                       "--out", str(tmp_path / "late.json")])
+    assert [(r["system"], r["error"]) for r in late["rows"]] == [
+        ("ours", "no result within --timeout 1 s"), ("ours-autotune", "no result within --timeout 1 s")]
     # the bytes a step reads: Llama-3.2-1B's 1.236B parameters in bf16, plus the cache
     assert abs(bench.step_bytes(bench.LLAMA_1B, 1, 0) / 2 - 1.2359e9) < 1e6
     assert bench.step_bytes(bench.LLAMA_1B, 2, 10) - bench.step_bytes(bench.LLAMA_1B, 1, 10) == 2 * 16 * 512 * 10 * 2
