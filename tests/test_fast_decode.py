@@ -299,6 +299,26 @@ def test_errors_name_the_parameter():
         FastDecoder(s2s)
 
 
+def test_generate_called_directly_checks_its_inputs_as_generate_does():
+    """``FastDecoder.generate`` is public: called directly (not through ``model.generate``) it
+    used to embed out-of-vocabulary ids into torch's ``IndexError``, decode a right-padded mask
+    (reading the first token off a pad) and generate a token for ``max_new_tokens=-1``.  It now
+    runs ``generate()``'s checks, which name the argument."""
+    model = tiny_decoder()
+    fast = FastDecoder(model, batch_size=2, max_cache_len=32)
+    ids = prompt(2, 5)
+    with pytest.raises(ValueError, match=r"input_ids holds token id %d \(row 0, position 2\)" % V):
+        fast.generate(ids.index_fill(1, torch.tensor([2]), V), 3)
+    with pytest.raises(ValueError, match="input_ids holds token id -1"):
+        fast.generate(ids.index_fill(1, torch.tensor([1]), -1), 3)
+    with pytest.raises(ValueError, match="attention_mask row 0 is .*a 0 after a 1"):
+        fast.generate(ids, 3, attention_mask=torch.tensor([[1, 1, 1, 1, 0], [1] * 5]))
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0, got -1"):
+        fast.generate(ids, -1)
+    with pytest.raises(ValueError, match="LongTensor"):
+        fast.generate(ids.int(), 3)
+
+
 # --------------------------------------------------------------------------- the cache
 def test_fixed_shape_cache_write_and_bookkeeping():
     cache = FixedShapeKVCache(max_cache_len=10, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=3,

@@ -550,8 +550,9 @@ class FastDecoder:
                  streamer: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
         """Continue ``input_ids`` ``(batch_size, P)`` by up to ``max_new_tokens`` tokens.
 
-        The arguments mean what they mean in :func:`transformer.generation.generate` (whose
-        checks run first when called through it).  ``generator`` seeds the device noise (one
+        The arguments mean what they mean in :func:`transformer.generation.generate`, and are
+        checked as there (ids in the vocabulary, a left-padded 0/1 mask, ``max_new_tokens >= 0``:
+        one host sync), also when called directly.  ``generator`` seeds the device noise (one
         32-bit seed drawn per call), so a seeded generator gives reproducible samples.  Returns
         ``(batch_size, P + n)`` long, ``n <= max_new_tokens``; rows stop after ``eos_token_id``
         (later tokens are ``pad_token_id``) and the run ends once all have stopped.
@@ -560,8 +561,11 @@ class FastDecoder:
         then ``n - 1`` steps of ``O(max_cache_len)`` attention, with one host sync every ``sync_every`` steps (when ``eos_token_id`` or a
         ``streamer`` needs one) and one at the end.
         """
+        from .generation import _check_inputs  # (generation imports this module lazily, never at import time)
+
         settings = SamplingSettings(temperature, top_k, top_p, do_sample=bool(do_sample), generator=generator,
                                     eos_token_id=eos_token_id)  # the one check of the sampling values
+        _check_inputs(self.model.config, input_ids, max_new_tokens, attention_mask)
         B, P = input_ids.shape
         if B != self.batch_size:
             raise ValueError(f"input_ids has batch {B}, but this FastDecoder was built for batch_size="
