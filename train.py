@@ -312,16 +312,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:
         build_parser().error(str(e))
     files = RunFiles(tcfg.out_dir)
-    if not tcfg.resume and not args.overwrite:
-        # Every rank checks before the process group forms, so before any rank has written.
-        files.refuse_existing_run()
-    ctx, device = T.init_distributed(tcfg.device)
     try:
-        return run(args, model_over, tcfg, preset, ctx, device)
+        if os.environ.get("RANK", "0") == "0":  # the writer: one train.py per --out-dir at a time
+            files.lock()
+        if not tcfg.resume and not args.overwrite:
+            # Every rank checks before the process group forms, so before any rank has written.
+            files.refuse_existing_run()
+        ctx, device = T.init_distributed(tcfg.device)
+        try:
+            return run(args, model_over, tcfg, preset, ctx, device)
+        finally:
+            T.shutdown_distributed(ctx)
     except WriteFailed as e:  # a full disk, a read-only file system, no permission: one line, no traceback
         raise SystemExit(write_failure_message(e, files)) from None
     finally:
-        T.shutdown_distributed(ctx)
+        files.unlock()
 
 
 def load_resume_state(args, tcfg: T.TrainConfig, files: RunFiles):

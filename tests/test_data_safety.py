@@ -9,7 +9,9 @@ tokenizer, so every training run takes about a second):
   ``--overwrite``; ``--overwrite`` deletes the old run's files first, so no stale checkpoint or
   log line survives.  ``--out-dir`` equal to (or holding, after resolving links) ``--data``,
   ``--teacher`` or ``--tokenizer`` is refused, naming both flags.  Tested with the issue's own
-  commands: every byte of the first run is still there afterwards.
+  commands: every byte of the first run is still there afterwards.  One ``train.py`` at a time
+  per ``--out-dir``: the writer holds an exclusive lock on the folder, and a second one is
+  refused before it reads or writes anything.
 * **Reading a checkpoint never disturbs the writer, and a reader racing a save gets the old or
   the new checkpoint, never an error.**  Readers move nothing: between the writer's two renames
   they read the complete ``.<name>.old`` backup; every file of one load comes from the one
@@ -120,6 +122,33 @@ def test_overwrite_replaces_the_whole_old_run(corpus, tmp_path):
     assert log_steps(run) == [2, 4]                      # no line of the old run (it had 2, 4, 6)
     assert json.loads((run / "metrics.json").read_text())["steps"] == 4
     assert not (run / ".best.old").exists() and (run / "notes.txt").read_text() == "not the run's"
+
+
+def test_a_second_train_py_on_a_folder_in_use_is_refused(corpus, tmp_path):
+    """Two processes on one --out-dir: a new run racing another's checks, a --resume, or an
+    --overwrite of a run still training would write over each other.  The writer holds the
+    folder's lock (here held by this test, as a running train.py would); every second run is
+    refused before touching a byte, and the folder is free again once the holder lets go."""
+    run = tmp_path / "R"
+    assert train(corpus, run) == 0
+    before = snapshot(run)
+    holder = run_dir.RunFiles(str(run))
+    holder.lock()
+    try:
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            with pytest.raises(SystemExit, match="in use by another train.py"):
+                train(corpus, run, *extra)
+        fresh = tmp_path / "fresh"  # a new folder: taken by the first, refused to the second
+        other = run_dir.RunFiles(str(fresh))
+        other.lock()
+        with pytest.raises(SystemExit, match=f"--out-dir {fresh} is in use"):
+            train(corpus, fresh)
+        other.unlock()
+        assert train(corpus, fresh) == 0
+    finally:
+        holder.unlock()
+    assert snapshot(run) == before
+    assert train(corpus, run, "--overwrite", "--max-steps", "6") == 0 and log_steps(run) == [2, 4, 6]
 
 
 def test_overwrite_and_resume_contradict(corpus, tmp_path, capsys):

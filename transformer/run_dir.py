@@ -22,6 +22,11 @@ What each way of starting ``train.py`` may do to it:
   drops the log lines of steps after the checkpoint it resumes from, including a torn last
   line, the one thing a crash in the middle of an append leaves (:meth:`RunFiles.truncate_log`).
 * **--overwrite** deletes the old run's files, and only those, first (:meth:`RunFiles.remove_run`).
+* Under all three, one process at a time: the writer holds an exclusive lock on the folder itself
+  (``flock`` of the directory, no lock file) from before its first check to its exit, and a
+  second ``train.py`` on the same ``--out-dir`` -- a new run racing the first one's checks, a
+  ``--resume`` or an ``--overwrite`` of a run still training -- is refused (:meth:`RunFiles.lock`).
+  The kernel drops the lock when the process ends, however it ends: no stale lock to clean up.
 * Under all three, the run's inputs (``--data``, ``--teacher``, ``--tokenizer``) may not be, or
   lie inside, the run directory, nor may it lie inside ``--data``: the run would write over what
   it reads, or read its own log as text next time (:func:`check_inputs_outside`).
@@ -168,6 +173,7 @@ class RunFiles:
                 ".log.jsonl.tmp-*")
 
     def __init__(self, out_dir: str):
+        self._lock_fd: Optional[int] = None
         self.root = Path(out_dir)
         self.best, self.last = self.root / "best", self.root / "last"
         self.metrics, self.log = self.root / "metrics.json", self.root / "log.jsonl"
@@ -177,6 +183,34 @@ class RunFiles:
         if not self.root.is_dir():
             return []
         return [p for pattern in self.PATTERNS for p in sorted(self.root.glob(pattern))]
+
+    def lock(self) -> None:
+        """Take the folder for this process (creating it if missing), or ``SystemExit`` if another
+        ``train.py`` holds it.  An exclusive, non-blocking ``flock`` of the directory itself, held
+        until :meth:`unlock` or the process ends; nothing is written.  Where ``fcntl`` is missing
+        (Windows) there is no lock."""
+        try:
+            import fcntl
+        except ImportError:
+            return
+        if self.root.exists() and not self.root.is_dir():
+            raise SystemExit(f"error: --out-dir {str(self.root)!r} is a file; expected a folder (created if missing)")
+        with writing(self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise SystemExit(f"error: --out-dir {self.root} is in use by another train.py (it holds the folder's "
+                             f"lock); wait for that run to end, or choose another --out-dir") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Release :meth:`lock` (the end of the process does it too)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def refuse_existing_run(self) -> None:
         """``SystemExit`` unless the directory is free for a new run: nothing here has been written yet."""
