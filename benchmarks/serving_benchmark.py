@@ -11,13 +11,17 @@ full ``max_tokens``).  Three ways to serve it, timed in one run on the same weig
   without continuous batching does);
 * **one at a time** -- ``generate()`` per request, in order.
 
-Reported per mode: output tokens/s (requested output tokens / wall time), time to first token
+With ``--repeat N`` every mode runs ``N`` times, the modes taking turns, and each mode's median
+run is reported (a shared machine's speed drifts; interleaving spreads a slow spell over every
+mode).  Reported per mode: output tokens/s (requested output tokens / wall time), time to first token
 (TTFT) and inter-token latency (ITL), p50 and p99 over requests.  Every mode's greedy tokens are
 compared with one-at-a-time ``generate()``.
 
     python -m benchmarks.serving_benchmark --checkpoint out          # the default trained model
     python -m benchmarks.serving_benchmark --random                  # its shape, random weights
     python -m benchmarks.serving_benchmark --random --quick          # smoke test (seconds)
+    python -m benchmarks.serving_benchmark --random --requests 256 --max-num-seqs 128 \
+        --max-num-batched-tokens 1024 --num-blocks 2048 --batch 64 256 --no-one-at-a-time --repeat 3
     python -m benchmarks.serving_benchmark --gpt2-shape --device cuda --dtype bfloat16 \
         --requests 256 --min-len 100 --max-len 1024 --batch 64 --static-compile --no-one-at-a-time
 
