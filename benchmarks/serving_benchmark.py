@@ -109,7 +109,8 @@ def run_continuous(model, reqs, args, attention: str = "auto"):
         profiler = cProfile.Profile()
         profiler.enable()
     t0 = time.perf_counter()
-    rids = [engine.add_request(p, SamplingParams(max_tokens=o, ignore_eos=True)) for p, o in reqs]
+    rids = [engine.add_request(p, SamplingParams(max_tokens=o, ignore_eos=True, temperature=args.temperature, seed=i))
+            for i, (p, o) in enumerate(reqs)]
     times: Dict[str, List[float]] = {r: [] for r in rids}
     while engine.has_unfinished():
         outs = engine.step()
@@ -133,7 +134,12 @@ def run_continuous(model, reqs, args, attention: str = "auto"):
     return row, tokens
 
 
-def run_static(model, reqs, batch: int, compile: bool = False):
+def _sampling(temperature: float) -> Dict:
+    """``generate()``'s keywords for ``--temperature``: greedy at 0, else sampling at it."""
+    return dict(do_sample=True, temperature=temperature) if temperature > 0 else {}
+
+
+def run_static(model, reqs, batch: int, compile: bool = False, temperature: float = 0.0):
     """``generate()`` over batches of ``batch`` requests in arrival order, each left-padded to its
     longest prompt.  With ``compile``, every batch's call is made once untimed first: each batch
     and length bucket compiles its own step, and timing that would be timing the compiler (the
@@ -152,7 +158,8 @@ def run_static(model, reqs, batch: int, compile: bool = False):
         groups.append((group, P, ids.to(dev), mask.to(dev)))
     if compile:
         for group, _, ids, mask in groups:
-            model.generate(ids, max(o for _, o in group), attention_mask=mask, eos_token_id=None, compile=True)
+            model.generate(ids, max(o for _, o in group), attention_mask=mask, eos_token_id=None, compile=True,
+                           **_sampling(temperature))
     if dev.type == "cuda":  # the compiled path returns before its GPU work is done: let it finish untimed
         torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
@@ -160,7 +167,8 @@ def run_static(model, reqs, batch: int, compile: bool = False):
     for group, P, ids, mask in groups:
         stamps = []
         out = model.generate(ids, max(o for _, o in group), attention_mask=mask, eos_token_id=None,
-                             compile=compile, streamer=lambda _tok: stamps.append(time.perf_counter()))
+                             compile=compile, streamer=lambda _tok: stamps.append(time.perf_counter()),
+                             **_sampling(temperature))
         for i, (_, o) in enumerate(group):
             ttft.append(stamps[0] - t0)
             itl += [b - a for a, b in zip(stamps[:o - 1], stamps[1:o])]
@@ -169,12 +177,13 @@ def run_static(model, reqs, batch: int, compile: bool = False):
     return summarize(f"static batches of {batch} (generate{', compile=True' if compile else ''})", wall, sum(o for _, o in reqs), ttft, itl), tokens
 
 
-def run_one_at_a_time(model, reqs):
+def run_one_at_a_time(model, reqs, temperature: float = 0.0):
     t0 = time.perf_counter()
     ttft, itl, tokens = [], [], []
     for p, o in reqs:
         stamps = []
         out = model.generate(torch.tensor([p], device=next(model.parameters()).device), o, eos_token_id=None,
+                             **_sampling(temperature),
                              streamer=lambda _tok: stamps.append(time.perf_counter()))
         ttft.append(stamps[0] - t0)
         itl += [b - a for a, b in zip(stamps, stamps[1:])]
@@ -221,6 +230,9 @@ def main(argv=None) -> None:
     p.add_argument("--no-static", action="store_true", help="skip static batching (then ratios are to the engine)")
     p.add_argument("--threads", type=int, default=None, help="torch threads [all cores]")
     p.add_argument("--no-one-at-a-time", action="store_true", help="skip the slowest mode")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sample every request at this temperature (request i seeded with i); 0 = greedy, "
+                        "the only setting where tokens are compared across modes [0]")
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="run every mode N times, taking turns, and report each mode's median run: on a shared "
                         "machine whose speed drifts, a ratio of medians of interleaved runs holds still [1]")
@@ -228,6 +240,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help=f"JSON to write [{DEFAULT_OUT}; --quick: none]")
     args = p.parse_args(argv)
+    if not args.temperature >= 0:
+        p.error(f"--temperature must be >= 0, got {args.temperature}")
     if args.repeat < 1:
         p.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.transformers and not args.gpt2_shape:
@@ -256,14 +270,15 @@ def main(argv=None) -> None:
     with torch.inference_mode():
         model.generate(torch.tensor([reqs[0][0]], device=args.device), 4, eos_token_id=None)  # warm-up
         static = [(f"static{b}", None if args.no_static else
-                   lambda b=b: run_static(model, reqs, b, args.static_compile)) for b in args.batch]
+                   lambda b=b: run_static(model, reqs, b, args.static_compile, args.temperature)) for b in args.batch]
         continuous = [(f"continuous-{a}", lambda a=a: run_continuous(model, reqs, args, a)) for a in args.attention]
         modes = [(name, fn) for name, fn in (
             *continuous, *static,
             ("transformers", None if not args.transformers else lambda: run_transformers_cb(
                 hf_model, reqs, num_blocks=args.num_blocks, block_size=args.block_size,
                 max_batch_tokens=args.max_num_batched_tokens, max_requests_per_batch=args.max_num_seqs)),
-            ("one", None if args.no_one_at_a_time else lambda: run_one_at_a_time(model, reqs))) if fn is not None]
+            ("one", None if args.no_one_at_a_time else lambda: run_one_at_a_time(model, reqs, args.temperature)))
+            if fn is not None]
         for _ in range(args.repeat):  # round-robin: a slow spell of the machine hits every mode alike
             for name, fn in modes:
                 row, toks = fn()
@@ -275,7 +290,7 @@ def main(argv=None) -> None:
         row["tokens_per_s_runs"] = [run[0]["tokens_per_s"] for run in done]
         rows.append(row)
         outputs[name] = toks
-    ref = outputs.get("one")
+    ref = outputs.get("one") if args.temperature == 0 else None  # sampled: each path has its own noise
     for row, name in zip(rows, outputs):
         row["same_tokens_as_one_at_a_time"] = None if ref is None else sum(
             a == b for a, b in zip(outputs[name], ref)) / len(ref)
@@ -294,7 +309,8 @@ def main(argv=None) -> None:
     text = (f"## Serving benchmark\n\nMachine: {format_machine(machine)}.{gpu}\n\nModel: {cfg.n_layers} layers, d_model "
             f"{cfg.d_model}, vocab {cfg.vocab_size}, context {cfg.max_seq_len}, "
             f"{args.checkpoint or 'random weights'}, {args.dtype} on {args.device}.  Workload: {args.requests} requests, "
-            f"prompt and output lengths uniform in [{args.min_len}, {args.max_len}], all at t=0, no early stop.  "
+            f"prompt and output lengths uniform in [{args.min_len}, {args.max_len}], all at t=0, no early stop, "
+            f"{'greedy' if args.temperature == 0 else f'sampled at temperature {args.temperature:g}'}.  "
             f"Engine: {args.num_blocks} blocks of {args.block_size}, max_num_seqs {args.max_num_seqs}, "
             f"max_num_batched_tokens {args.max_num_batched_tokens}.  \"vs static\": against the best static row."
             + (f"  Each mode ran {args.repeat} times, taking turns; its median run is shown, with the range of "

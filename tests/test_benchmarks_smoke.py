@@ -150,7 +150,7 @@ def test_serving_benchmark_quick_compares_three_modes_with_the_same_tokens(tmp_p
 
 def test_serving_benchmark_repeat_reports_each_modes_median_run(tmp_path, capsys):
     """``--repeat 3``: every mode runs three times, taking turns; its row is its median run, and
-    the table's header gives each mode's range."""
+    the table's header gives each mode's range.  ``--temperature`` samples in every mode."""
     from benchmarks import serving_benchmark
     out = tmp_path / "serving.json"
     serving_benchmark.main(["--random", "--quick", "--attention", "rows", "--no-one-at-a-time", "--repeat", "3",
@@ -165,6 +165,14 @@ def test_serving_benchmark_repeat_reports_each_modes_median_run(tmp_path, capsys
     with pytest.raises(SystemExit):
         serving_benchmark.main(["--random", "--quick", "--repeat", "0"])
     assert "--repeat must be at least 1, got 0" in capsys.readouterr().err
+    # --temperature: every mode samples (seeded per request); tokens are not compared across modes
+    serving_benchmark.main(["--random", "--quick", "--temperature", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]["rows"]
+    assert len(rows) == 3 and all(r["same_tokens_as_one_at_a_time"] is None for r in rows)
+    assert "sampled at temperature 1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        serving_benchmark.main(["--random", "--quick", "--temperature", "-1"])
+    assert "--temperature must be >= 0, got -1.0" in capsys.readouterr().err
 
 
 def test_serving_benchmark_times_transformers_continuous_batching_on_the_same_weights(tmp_path):

@@ -110,6 +110,45 @@ def test_small_pool_forces_preemption_and_outputs_stay_exact(attention, async_sc
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
+def test_seeded_sampling_survives_preemption(async_scheduling):
+    """A request's noise is a hash of its seed and its token's position: preempted and recomputed
+    (the pool too small for all six), each seeded request draws exactly the tokens it draws in
+    a pool where nothing is preempted, and unseeded ones are reproducible under torch.manual_seed."""
+    model = MODELS["rope"]
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, V, (10,), generator=g).tolist() for _ in range(6)]
+    params = [SamplingParams(max_tokens=20, temperature=1.0, top_p=0.95, seed=100 + i) for i in range(6)]
+    small = LLMEngine(model, num_blocks=12, block_size=4, max_num_seqs=6, max_num_batched_tokens=64,
+                      async_scheduling=async_scheduling)
+    outs = small.generate(prompts, params)
+    assert small.scheduler.num_preemptions > 0
+    roomy = LLMEngine(model, num_blocks=64, block_size=4, max_num_seqs=6, max_num_batched_tokens=64)
+    assert outs == roomy.generate(prompts, params) and roomy.scheduler.num_preemptions == 0
+    assert len({tuple(o) for o in outs}) == 6  # six seeds, six different continuations
+    unseeded = SamplingParams(max_tokens=8, temperature=1.0)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append(LLMEngine(model, num_blocks=64, block_size=4).generate(prompts[:3], unseeded))
+    assert runs[0] == runs[1] and runs[0][0] != runs[0][1]
+
+
+def test_request_noise_is_a_function_of_seed_and_position_only():
+    """The engine's noise row does not depend on the batch around it; it changes with the seed
+    and with the token's position; its values lie strictly inside (0, 1)."""
+    from transformer.fast_decode import fold_seed, request_noise
+
+    seeds, counters = torch.tensor([5, 9, 5, 5]), torch.tensor([0, 0, 1, 0])
+    batch = request_noise(seeds, counters, 300)
+    for i in range(4):
+        assert torch.equal(request_noise(seeds[i:i + 1], counters[i:i + 1], 300)[0], batch[i])
+    assert torch.equal(batch[0], batch[3])  # the same seed and position: the same noise
+    assert not torch.equal(batch[0], batch[1]) and not torch.equal(batch[0], batch[2])
+    assert 0 < float(batch.min()) and float(batch.max()) < 1
+    assert fold_seed(5) == 5 and fold_seed(5 + (1 << 32)) != 5 and 0 <= fold_seed(-3) < 1 << 32
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
 def test_a_step_of_prompt_chunks_only_samples_nothing(async_scheduling):
     """A long prompt under a small token budget: its first steps compute chunks and sample no token."""
     model = MODELS["rope"]

@@ -193,10 +193,9 @@ def test_engine_sampler_draws_from_the_processed_distribution(settings_):
 
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]])
     expected = torch.softmax(process_logits(logits, **settings_), -1)[0]
-    req = Request("r", [0], SamplingParams(seed=0, **settings_))
-    req.generator = req.params.settings.make_generator()
-    n = 20_000
-    draws = torch.cat([sample_step(logits.expand(500, -1), [req] * 500) for _ in range(n // 500)])
+    n = 20_000  # requests with seeds 0 .. n-1, 500 to a step, each drawing its first token
+    reqs = [Request(str(i), [0], SamplingParams(seed=i, **settings_), seed=i) for i in range(n)]
+    draws = torch.cat([sample_step(logits.expand(500, -1), reqs[s:s + 500]) for s in range(0, n, 500)])
     freq = torch.bincount(draws, minlength=logits.shape[-1]).double() / n
     assert freq[expected == 0].sum() == 0
     keep = expected > 0

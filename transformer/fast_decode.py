@@ -108,6 +108,25 @@ def noise_at(seed: torch.Tensor, counter: torch.Tensor, cols: torch.Tensor) -> t
     return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
+def request_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Uniform ``(S, vocab)`` float32 noise in ``(0, 1)`` whose row ``s`` is a pure function of
+    ``(seeds[s], counters[s])`` alone -- not of the row's place in the batch: the serving engine's
+    per-request random streams (``seeds``: ``(S,)`` int64 in ``[0, 2^32)``, one per request;
+    ``counters``: ``(S,)`` int64, which of its tokens is being drawn).  The same hash as
+    :func:`uniform_noise`, bit-identical on CPU, CUDA and compiled code.  Cost: one kernel of
+    about ten integer ops per element for the whole step (a ``torch.Generator`` per request
+    costs one launch per row, and on a CPU its exponentials were twice as slow as this)."""
+    key = _mix32((_mix32((seeds ^ _mix32(counters & _M32)) & _M32) + _ROW_STRIDE) & _M32)  # (S,)
+    bits = _mix32(key[:, None] ^ torch.arange(vocab, device=seeds.device))  # (S, vocab)
+    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def fold_seed(seed: int) -> int:
+    """A Python int seed of any size folded into ``[0, 2^32)`` (the hash's key width): the low
+    32 bits xor the next 32, so seeds that differ anywhere in their low 64 bits differ here."""
+    return (seed ^ (seed >> 32)) & _M32
+
+
 def sample_on_device(logits: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor, temperature: float = 1.0,
                      top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
     """Draw one token per row of ``(B, V)`` logits without a host sync; returns ``(B,)`` long.

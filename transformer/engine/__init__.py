@@ -3,7 +3,7 @@
 ``request.py``    ``SamplingParams``, ``Request``, ``RequestOutput``: a request's settings and state
 ``scheduler.py``  ``Scheduler``: continuous batching, chunked prefill, preemption by recompute
 ``runner.py``     ``ModelRunner``: the steps through the model's one forward; paged attention, CUDA graphs
-``sampler.py``    ``sample_step``: a step's tokens on the device, each request from its own random stream
+``sampler.py``    ``sample_step``: a step's tokens on the device, each request from its own random stream (a hash of its seed and position)
 ``engine.py``     ``LLMEngine``: schedule, run, sample; asynchronous scheduling on a GPU
 
 The memory side (block tables, prefix caching, the packed step as a cache) is

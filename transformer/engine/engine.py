@@ -138,7 +138,9 @@ class LLMEngine:
         if rid in self.requests:
             raise ValueError(f"request_id={rid!r} is already in the engine")
         req = Request(rid, ids, params)
-        req.generator = params.settings.make_generator(self.pool.device)
+        # an unseeded request still gets its own stream, from torch's global RNG (torch.manual_seed
+        # makes a whole run reproducible)
+        req.seed = params.seed if params.seed is not None else int(torch.randint(0, 1 << 62, ()).item())
         self.requests[rid] = req
         self.scheduler.add(req)
         return rid

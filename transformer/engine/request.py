@@ -20,8 +20,6 @@ import operator
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
-import torch
-
 from ..sampling import SamplingSettings
 
 
@@ -75,7 +73,7 @@ class Request:
     num_computed: int = 0
     status: Status = Status.WAITING
     finish_reason: Optional[str] = None  # "stop", "length" or "abort"
-    generator: Optional[torch.Generator] = field(default=None, repr=False)
+    seed: int = 0  # keys its random stream: params.seed, else drawn from torch's global RNG on arrival
     preemptions: int = 0
     num_pending: int = 0  # tokens sampled on the device whose values the host has not read yet
     pending_row: int = -1  # its row in the last launched step's sampled tokens (async scheduling)

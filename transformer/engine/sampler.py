@@ -4,14 +4,17 @@ A step's logits are ``(B, V)``, one row per request that is due a token.  Greedy
 argmax.  Sampled rows are processed together with their own temperature, top-k and top-p
 (:func:`~transformer.sampling.process_logits_rows`) and drawn by the **exponential race**: with
 ``E_v ~ Exp(1)`` independent, ``argmax_v p_v / E_v`` is a draw from ``p`` (the same
-distribution as ``torch.multinomial``, and the way vLLM samples).  The noise row of a request
-comes from *its* ``torch.Generator`` (seeded by ``seed``), so which tokens a request draws
-depends on its seed and its step count only, never on its neighbours in the batch.
+distribution as ``torch.multinomial``, and the way vLLM samples).  The noise row of a request is
+a counter-based hash (:func:`~transformer.fast_decode.request_noise`) of *its* seed and of which
+of its tokens is being drawn, so which tokens a request draws depends on its seed and its
+position only -- never on its neighbours in the batch, on when it arrived, or on a preemption
+(the redo draws its token at the same position with the same noise) -- and is the same on a CPU
+and a GPU.  One kernel draws the noise of every sampled row.
 
 Nothing here reads a value back to the host: the engine copies the ``(B,)`` tokens back
 asynchronously and can schedule the next step meanwhile.  Cost: one argmax over ``B x V``;
 for sampled rows one sort of their logits (only if some row uses top-k or top-p), a few
-elementwise passes and one noise kernel per request (its own generator).
+elementwise passes and the noise (a hash per logit, one kernel for the step).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from ..fast_decode import fold_seed, request_noise
 from ..sampling import process_logits_rows
 
 
@@ -27,24 +31,28 @@ def sample_step(logits: torch.Tensor, requests: Sequence) -> torch.Tensor:
     """Next token of each request, ``(B,)`` long on ``logits``' device, from ``(B, V)`` logits.
 
     ``requests[b]`` is the engine :class:`~transformer.engine.request.Request` of row ``b``:
-    its ``params.settings`` say greedy or how to sample, its ``generator`` is its random stream
-    (``None``: torch's global one)."""
+    its ``params.settings`` say greedy or how to sample, its ``seed`` keys its random stream, and
+    the token drawn is its output token number ``len(output_ids) + num_pending``."""
     tokens = logits.argmax(dim=-1)
     rows = [b for b, r in enumerate(requests) if not r.params.settings.greedy]
     if not rows:
         return tokens
     dev, V = logits.device, logits.shape[-1]
-    settings = [requests[b].params.settings for b in rows]
-    temperature = torch.tensor([s.temperature for s in settings], device=dev)
+    drawn = [requests[b] for b in rows]
+    settings = [r.params.settings for r in drawn]
+    # every per-row number in one host table and one copy: (a host list turned into a device tensor
+    # is a copy from pageable memory, which waits for the GPU and so undoes the engine's overlap)
+    table = torch.tensor([rows, [s.temperature for s in settings],
+                          [V if s.top_k is None else min(s.top_k, V) for s in settings],
+                          [1.0 if s.top_p is None else s.top_p for s in settings],
+                          [fold_seed(r.seed) for r in drawn],
+                          [len(r.output_ids) + r.num_pending for r in drawn]], dtype=torch.float64)  # (6, S)
+    if dev.type == "cuda":
+        table = table.pin_memory().to(dev, non_blocking=True)
+    index, seeds, counters = table[0].long(), table[4].long(), table[5].long()  # exact: all below 2^53
     # (a filter no row uses is left out: with neither, no sort of the step's logits at all)
-    top_k = torch.tensor([V if s.top_k is None else min(s.top_k, V) for s in settings], device=dev) \
-        if any(s.top_k is not None and s.top_k < V for s in settings) else None
-    top_p = torch.tensor([1.0 if s.top_p is None else s.top_p for s in settings], device=dev) \
-        if any(s.top_p is not None and s.top_p < 1 for s in settings) else None
-    index = torch.tensor(rows, device=dev)
-    probs = torch.softmax(process_logits_rows(logits.index_select(0, index), temperature, top_k, top_p), dim=-1)
-    noise = torch.empty_like(probs)
-    for i, b in enumerate(rows):  # each request's own stream: its draws never depend on the batch
-        noise[i].exponential_(generator=requests[b].generator)
-    noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # an exact 0 would divide p = 0 by 0
-    return tokens.index_copy(0, index, (probs / noise).argmax(dim=-1))
+    top_k = table[2].long() if any(s.top_k is not None and s.top_k < V for s in settings) else None
+    top_p = table[3].float() if any(s.top_p is not None and s.top_p < 1 for s in settings) else None
+    probs = torch.softmax(process_logits_rows(logits.index_select(0, index), table[1].float(), top_k, top_p), dim=-1)
+    exp1 = request_noise(seeds, counters, V).log_().neg_()  # Exp(1) draws, > 0: u < 1 strictly
+    return tokens.index_copy(0, index, (probs / exp1).argmax(dim=-1))
