@@ -95,6 +95,45 @@ def test_a_filter_no_row_uses_can_be_left_out():
                                                                                                none_k, p))
 
 
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), B=st.integers(1, 6), V=st.integers(2, 40), width=st.integers(1, 40),
+       scale=st.sampled_from([0.5, 3.0, 12.0]), seed=st.integers(0, 2 ** 16))
+def test_sorting_only_the_top_candidates_filters_as_the_full_sort(data, B, V, width, scale, seed):
+    """``process_logits_rows(..., width=w)`` sorts each row's ``w`` best logits only, and must
+    keep exactly the tokens (and values) the full sort keeps -- or decline and sort them all:
+    random rows, temperatures, top-k (some wider than ``w``: declined) and top-p (a mass that
+    ends past the ``w`` candidates: declined), flat and peaked logits."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, V, generator=g) * scale
+    temperature = torch.tensor(data.draw(st.lists(st.sampled_from([0.5, 1.0, 1.7]), min_size=B, max_size=B)))
+    ks = data.draw(st.one_of(st.none(), st.lists(st.sampled_from([1, 2, 5, 17, V]), min_size=B, max_size=B)))
+    ps = data.draw(st.one_of(st.none(), st.lists(st.sampled_from([0.2, 0.7, 0.95, 1.0]), min_size=B, max_size=B)))
+    top_k = None if ks is None else torch.tensor([min(k, V) for k in ks])
+    top_p = None if ps is None else torch.tensor(ps)
+    full = process_logits_rows(logits, temperature, top_k, top_p)
+    narrow = process_logits_rows(logits, temperature, top_k, top_p, width=min(width, V))
+    assert torch.equal(torch.isfinite(narrow), torch.isfinite(full))
+    kept = torch.isfinite(full)
+    assert torch.equal(narrow[kept], full[kept])
+
+
+def test_sorting_the_top_candidates_is_used_when_it_decides(monkeypatch):
+    """The narrow path really runs (no full sort) for a peaked row and for top-k rows, and the
+    full sort runs when a flat row's top-p mass lies beyond the candidates."""
+    import transformer.sampling as sampling
+    sorts = []
+    real = torch.sort
+    monkeypatch.setattr(sampling.torch, "sort", lambda *a, **k: sorts.append(1) or real(*a, **k))
+    peaked = torch.tensor([[9.0, 8.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0]])
+    t = torch.tensor([1.0])
+    assert torch.isfinite(process_logits_rows(peaked, t, None, torch.tensor([0.9]), width=3)).sum() == 2
+    assert torch.isfinite(process_logits_rows(peaked, t, torch.tensor([3]), None, width=3)).sum() == 3
+    assert sorts == []
+    flat = torch.zeros(1, 8)
+    assert torch.isfinite(process_logits_rows(flat, t, None, torch.tensor([0.9]), width=3)).sum() == 8
+    assert sorts == [1]
+
+
 @pytest.mark.parametrize("settings_", [dict(temperature=1.0), dict(temperature=0.7, top_k=4),
                                        dict(temperature=1.3, top_p=0.8), dict(temperature=0.8, top_k=5, top_p=0.9)])
 def test_empirical_frequencies_match_processed_distribution(settings_):

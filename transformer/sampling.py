@@ -259,7 +259,7 @@ def sample_next_token(logits: torch.Tensor, do_sample: bool = False, temperature
 
 
 def process_logits_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: Optional[torch.Tensor],
-                        top_p: Optional[torch.Tensor]) -> torch.Tensor:
+                        top_p: Optional[torch.Tensor], width: Optional[int] = None) -> torch.Tensor:
     """:func:`process_logits` with settings that differ per row, in one batched pass.
 
     ``logits`` ``(B, V)``; ``temperature`` ``(B,)`` float, each ``> 0`` (greedy rows take the
@@ -275,6 +275,12 @@ def process_logits_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: 
     filters are ``None``: temperature alone, as OpenAI's API defaults) and a few ``B x V``
     elementwise passes on the device, no host synchronisation (a serving engine samples every
     step without waiting for the GPU).
+
+    ``width``: sort only each row's ``width`` largest logits (one ``topk``) when that decides
+    the same filter as the full sort -- every row with a top-k has ``top_k <= width``, and each
+    top-p row without one reaches its mass ``p`` inside them (read on the host: pass a width on
+    a CPU, or where no row uses top-p alone); otherwise the full sort.  A full sort of a
+    ``64 x 4096`` CPU batch took 7.3 ms here; a ``topk`` of 256, well under one.
     """
     logits = logits.float()
     t = temperature.float().unsqueeze(-1)  # (B, 1)
@@ -284,6 +290,18 @@ def process_logits_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: 
     logits = torch.where(t < 1, cooled, torch.where(t > 1, logits / t, logits))
     if top_k is None and top_p is None:
         return logits
+    if width is None or width >= logits.shape[-1]:
+        return _filter_sorted(logits, top_k, top_p)
+    out, ok = _filter_top_candidates(logits, top_k, top_p, width)
+    if not bool(ok.all()):  # the rows the candidates do not decide: sorted whole (a host read)
+        bad = (~ok).nonzero().squeeze(-1)
+        out[bad] = _filter_sorted(logits[bad], None if top_k is None else top_k[bad],
+                                  None if top_p is None else top_p[bad])
+    return out
+
+
+def _filter_sorted(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor]) -> torch.Tensor:
+    """Top-k then top-p of tempered ``(B, V)`` logits through one descending sort of each row."""
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     if top_k is not None:
         rank = torch.arange(logits.shape[-1], device=logits.device)
@@ -294,3 +312,36 @@ def process_logits_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: 
         p = torch.where(top_p >= 1, float("inf"), top_p.float()).unsqueeze(-1)  # p >= 1 keeps all, as process_logits
         sorted_logits = sorted_logits.masked_fill(mass_before >= p, float("-inf"))
     return sorted_logits.scatter(-1, order, sorted_logits)
+
+
+def _filter_top_candidates(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor],
+                           width: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`process_logits_rows`' filters over each row's ``width`` largest (already tempered)
+    logits only: ``(B, V)`` results and a ``(B,)`` mask of the rows where that is what the full
+    sort gives.  A row is decided by its candidates when its top-k is at most ``width``, or when
+    top-p alone reaches its mass ``p`` inside them (measured against the whole distribution, as
+    the full path's softmax does), or when it has no filter at all; a wider top-k is not."""
+    V = logits.shape[-1]
+    has_k = top_k < V if top_k is not None else torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    ok = has_k & (top_k <= width) if top_k is not None else has_k.clone()
+    free = ~has_k if top_p is None else ~has_k & (top_p >= 1)  # no filter at all: every logit stays
+    if top_p is not None:
+        open_rows = (top_p < 1) & ~has_k  # top-p alone: its cut must fall inside the candidates
+        full_lse = torch.logsumexp(logits, -1, keepdim=True)
+        p = torch.where(top_p >= 1, float("inf"), top_p.float()).unsqueeze(-1)
+        # no candidate holds more than the largest probability, so a flat row cannot reach p
+        # within them: skip the selection when no row could be decided by it
+        reach = width * torch.exp(logits.amax(-1) - full_lse[:, 0]) >= p[:, 0]
+        if not bool((ok | (open_rows & reach)).any()):
+            return torch.where(free.unsqueeze(-1), logits, torch.full_like(logits, float("-inf"))), free
+    vals, idx = torch.topk(logits, width, dim=-1)  # (B, width), descending
+    if top_k is not None:
+        vals = vals.masked_fill(torch.arange(width, device=logits.device) >= top_k.unsqueeze(-1), float("-inf"))
+    if top_p is not None:
+        lse = torch.where(has_k.unsqueeze(-1), torch.logsumexp(vals, -1, keepdim=True), full_lse)
+        probs = torch.exp(vals - lse)
+        mass = torch.cumsum(probs, dim=-1)
+        ok |= open_rows & (mass[:, -1] >= p[:, 0])
+        vals = vals.masked_fill(mass - probs >= p, float("-inf"))
+    out = torch.full_like(logits, float("-inf")).scatter_(-1, idx, vals)
+    return torch.where(free.unsqueeze(-1), logits, out), ok | free

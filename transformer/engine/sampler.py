@@ -53,6 +53,11 @@ def sample_step(logits: torch.Tensor, requests: Sequence) -> torch.Tensor:
     # (a filter no row uses is left out: with neither, no sort of the step's logits at all)
     top_k = table[2].long() if any(s.top_k is not None and s.top_k < V for s in settings) else None
     top_p = table[3].float() if any(s.top_p is not None and s.top_p < 1 for s in settings) else None
-    probs = torch.softmax(process_logits_rows(logits.index_select(0, index), table[1].float(), top_k, top_p), dim=-1)
+    # sort only the best candidates where that is exact without a device read: every row has a
+    # top-k, or (on a CPU, where reading back costs nothing) the top-p mass lies within 64
+    ks = [s.top_k for s in settings if s.top_k is not None and s.top_k < V]
+    width = max(ks) if len(ks) == len(settings) else max(ks + [64]) if dev.type == "cpu" else None
+    probs = torch.softmax(process_logits_rows(logits.index_select(0, index), table[1].float(), top_k, top_p, width),
+                          dim=-1)
     exp1 = request_noise(seeds, counters, V).log_().neg_()  # Exp(1) draws, > 0: u < 1 strictly
     return tokens.index_copy(0, index, (probs / exp1).argmax(dim=-1))
