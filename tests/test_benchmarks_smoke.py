@@ -175,6 +175,18 @@ def test_serving_benchmark_repeat_reports_each_modes_median_run(tmp_path, capsys
     assert "--temperature must be >= 0, got -1.0" in capsys.readouterr().err
 
 
+def test_sampling_benchmark_quick_times_both_ways_of_each_part(tmp_path, capsys):
+    from benchmarks import sampling_benchmark
+    out = tmp_path / "sampling.json"
+    rows = sampling_benchmark.main(["--quick", "--out", str(out)])["rows"]
+    assert [r["part"].split(":")[0] for r in rows] == ["noise, temperature only"] + ["filters"] * 4
+    assert all(_positive(r["before_ms"]) and _positive(r["after_ms"]) for r in rows)
+    assert json.loads(out.read_text())["results"]["rows"][0]["after"] == "request_noise"
+    assert "| filters: top-p 0.95, flat logits" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        sampling_benchmark.main(["--rows", "0"])
+
+
 def test_serving_benchmark_times_transformers_continuous_batching_on_the_same_weights(tmp_path):
     from benchmarks import serving_benchmark
     out = tmp_path / "serving_hf.json"
