@@ -13,8 +13,9 @@ and a GPU.  One kernel draws the noise of every sampled row.
 
 Nothing here reads a value back to the host: the engine copies the ``(B,)`` tokens back
 asynchronously and can schedule the next step meanwhile.  Cost: one argmax over ``B x V``;
-for sampled rows one sort of their logits (only if some row uses top-k or top-p), a few
-elementwise passes and the noise (a hash per logit, one kernel for the step).
+for sampled rows one sort of their logits (only if some row uses top-k or top-p, and only of
+each row's best candidates where those decide the filter), a few elementwise passes and the
+noise (a hash per logit, one kernel for the step).
 """
 
 from __future__ import annotations
