@@ -97,6 +97,11 @@ def uniform_noise(seed: torch.Tensor, counter: torch.Tensor, batch: int, vocab: 
     return noise_at(seed, counter, torch.arange(vocab, device=seed.device).expand(batch, vocab))
 
 
+def _unit(bits: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes -> float32 in ``(0, 1)``: the top 24 bits, centred in their interval."""
+    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
 def noise_at(seed: torch.Tensor, counter: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """:func:`uniform_noise` at token ids ``cols`` ``(B, n)`` only: ``noise_at(...)[b, j] ==
     uniform_noise(...)[b, cols[b, j]]``, bit for bit (the noise is a hash of row and token)."""
@@ -105,7 +110,7 @@ def noise_at(seed: torch.Tensor, counter: torch.Tensor, cols: torch.Tensor) -> t
     rows = torch.arange(cols.shape[0], device=dev)
     row_key = _mix32((step + rows * _ROW_STRIDE) & _M32)  # (B,)
     bits = _mix32(row_key[:, None] ^ cols)  # (B, n)
-    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return _unit(bits)
 
 
 def request_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -118,7 +123,7 @@ def request_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> to
     costs one launch per row, and on a CPU its exponentials were twice as slow as this)."""
     key = _mix32((_mix32((seeds ^ _mix32(counters & _M32)) & _M32) + _ROW_STRIDE) & _M32)  # (S,)
     bits = _mix32(key[:, None] ^ torch.arange(vocab, device=seeds.device))  # (S, vocab)
-    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return _unit(bits)
 
 
 def fold_seed(seed: int) -> int:

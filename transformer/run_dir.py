@@ -184,6 +184,11 @@ class RunFiles:
             return []
         return [p for pattern in self.PATTERNS for p in sorted(self.root.glob(pattern))]
 
+    def _refuse_a_file(self) -> None:
+        """``SystemExit`` if ``--out-dir`` names a file (a folder is created when missing)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise SystemExit(f"error: --out-dir {str(self.root)!r} is a file; expected a folder (created if missing)")
+
     def lock(self) -> None:
         """Take the folder for this process (creating it if missing), or ``SystemExit`` if another
         ``train.py`` holds it.  An exclusive, non-blocking ``flock`` of the directory itself, held
@@ -193,8 +198,7 @@ class RunFiles:
             import fcntl
         except ImportError:
             return
-        if self.root.exists() and not self.root.is_dir():
-            raise SystemExit(f"error: --out-dir {str(self.root)!r} is a file; expected a folder (created if missing)")
+        self._refuse_a_file()
         with writing(self.root):
             self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root, os.O_RDONLY)
@@ -214,8 +218,7 @@ class RunFiles:
 
     def refuse_existing_run(self) -> None:
         """``SystemExit`` unless the directory is free for a new run: nothing here has been written yet."""
-        if self.root.exists() and not self.root.is_dir():
-            raise SystemExit(f"error: --out-dir {str(self.root)!r} is a file; expected a folder (created if missing)")
+        self._refuse_a_file()
         found = self.existing()
         if found:
             names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found)
