@@ -467,12 +467,18 @@ def test_a_packed_step_describes_its_mask_for_a_varlen_kernel_too():
     assert torch.equal(dense, want)
 
 
-def test_auto_takes_the_rows_on_a_cpu_only_where_their_buffer_fits():
-    """The row buffer reserves every row's longest length: fine for a short-context model, far
-    more than the pool for a long-context one, where ``"auto"`` falls back to gathering."""
-    from transformer import DecoderOnlyTransformer, ModelConfig
+def test_auto_takes_the_cpu_paged_kernel_and_without_it_the_rows_only_where_their_buffer_fits(monkeypatch):
+    """On a CPU ``"auto"`` reads the pool in place with the C kernel (``transformer.cpu_attention``),
+    prompt chunks too.  Where no C compiler builds it: the row buffer, which reserves every
+    row's longest length: fine for a short-context model, far more than the pool for a
+    long-context one, where ``"auto"`` falls back to gathering."""
+    from transformer import DecoderOnlyTransformer, ModelConfig, cpu_attention
     from transformer.engine.runner import ModelRunner
 
+    engine = LLMEngine(MODELS["rope"], num_blocks=16, block_size=4)
+    assert engine.runner.attention == "paged" and engine.runner.packed_in_place and engine.runner.rows is None
+    monkeypatch.setattr(cpu_attention, "_lib", False)  # as if no compiler worked
+    monkeypatch.setattr(cpu_attention, "_why", "no C compiler found (simulated)")
     small = LLMEngine(MODELS["rope"], num_blocks=16, block_size=4)
     assert small.runner.attention == "rows" and small.runner.rows.nbytes == ModelRunner.rows_bytes(
         MODELS["rope"], 32, 4)

@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .layers import Linear, MaskPlan, VarlenMask, apply_rotary, make_norm
+from .cpu_attention import paged_attention
+from .layers import Linear, MaskPlan, PagedMask, VarlenMask, apply_rotary, make_norm
 
 
 _compiled_flex = None
@@ -220,6 +221,9 @@ class Attention(nn.Module):
         k, v = k.to(q.dtype), v.to(q.dtype)
         if isinstance(mask, VarlenMask):  # packed sequences on a GPU: (1, T) queries over (1, N) keys
             y = varlen_attention(q[0], k.transpose(1, 2)[0], v.transpose(1, 2)[0], mask, enable_gqa=gqa)  # (T, H, D)
+        elif isinstance(mask, PagedMask):  # a paged pool read in place on a CPU: each query reads only its own keys
+            y = paged_attention(q, k.transpose(1, 2), v.transpose(1, 2), mask.block_table, mask.block_size,
+                                mask.query_positions, mask.query_rows, mask.window)  # (B, S, H, D)
         elif mask is not None and not isinstance(mask, torch.Tensor):  # a BlockMask: a paged pool read in place
             y = flex_attention(q.transpose(1, 2).contiguous(), k, v, block_mask=mask, enable_gqa=gqa).transpose(1, 2)
         else:

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cpu_attention
 from .config import ModelConfig
 
 
@@ -250,6 +251,24 @@ class VarlenMask(NamedTuple):
     max_k: int
 
 
+class PagedMask(NamedTuple):
+    """The mask of a step whose keys are a paged pool read in place, in the form the CPU
+    paged-attention kernel takes (:func:`transformer.cpu_attention.paged_attention`): each query
+    sees its own sequence's keys at positions up to its own (within ``window``), found through
+    ``block_table``.  :func:`attention_mask`'s rule, stated per query instead of as ``S x N``
+    booleans, so the kernel reads exactly those keys and no others.
+
+    ``block_table``: ``(R, W)`` pool blocks of each sequence, ``-1`` after the last;
+    ``query_positions``/``query_rows``: ``(B, S)`` each query's position and block-table row.
+    """
+
+    block_table: torch.Tensor
+    block_size: int
+    query_positions: torch.Tensor
+    query_rows: Optional[torch.Tensor]
+    window: Optional[int]
+
+
 def varlen_available(device: torch.device) -> bool:
     """Can attention run :class:`VarlenMask` steps here: a CUDA device and a PyTorch with
     ``torch.nn.attention.varlen`` (FlashAttention's variable-length kernel, float16 and
@@ -362,8 +381,17 @@ class MaskPlan:
             spec = varlen()  # packed sequences on a GPU: their mask in compressed form, for a varlen kernel
             if spec is not None:
                 return VarlenMask(*spec)
-        if hasattr(cache, "key_blocks"):  # attention reads a paged pool in place: a FlexAttention block mask
-            if self._last is None or self._last[0] is not cache:
+        if hasattr(cache, "key_blocks"):  # attention reads a paged pool in place
+            if (self.key_padding_mask is None and not torch.compiler.is_compiling()
+                    and cpu_attention.available(self.query_positions.device, dtype)):
+                table, block_size, _ = cache.key_blocks()  # on a CPU: the kernel's per-query rule
+                return PagedMask(table, block_size, self.query_positions, getattr(cache, "query_rows", None),
+                                 self.window)
+            if getattr(cache, "query_rows", None) is not None:
+                raise ValueError("a packed in-place paged step (query_rows) needs the CPU paged-attention kernel: "
+                                 f"float32 on a CPU, eager, with a C compiler; got {dtype} on "
+                                 f"{self.query_positions.device} ({cpu_attention.why_not()})")
+            if self._last is None or self._last[0] is not cache:  # elsewhere: a FlexAttention block mask
                 self._last = cache, None, paged_block_mask(self.query_positions, *cache.key_blocks(), self.window)
             return self._last[2]
         kp = self.query_positions if cache is None else cache.key_positions(layer_idx)

@@ -166,16 +166,15 @@ class BlockManager:
         ``(1, S)`` and all the sequences' keys one after another (prompt chunks: no padding of
         queries).  ``packed=False``: one row per sequence, ``(B, max n_new)`` queries and ``(B,
         longest history)`` keys, shorter rows padded with keys at a position no query reaches
-        (decode steps: attention reads ``B x L`` keys, not ``B x B x L``).  ``in_place=True``
-        (with ``packed=False``): a :class:`PagedBlocks` step instead, whose attention reads the
-        blocks where they are (no gather; a paged-attention kernel, FlexAttention).  Call
+        (decode steps: attention reads ``B x L`` keys, not ``B x B x L``).  With
+        ``in_place=True``, a :class:`PagedBlocks` step instead, whose attention reads the blocks where they are
+        (no gather; a paged-attention kernel: FlexAttention, or on a CPU
+        ``transformer.cpu_attention``, which alone takes a packed one).  Call
         :meth:`commit` for each chunk after the forward.  Cost: O(keys read) host work for a few
         index tensors (``in_place``: O(blocks)).
         """
         if in_place:
-            if packed:
-                raise ValueError("in_place=True reads each row's own blocks; it needs packed=False")
-            return self.blocks_step(chunks)
+            return self.blocks_step(chunks, packed=packed)
         bs, dev = self.block_size, self.pool.device
         as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
         starts = [self.length(sid) for sid, _ in chunks]
@@ -212,17 +211,26 @@ class BlockManager:
         return PagedBatch(self.pool, as_t(writes), slots[:, :N], kpos, qpos)
 
 
-    def blocks_step(self, chunks: Sequence[Tuple[Hashable, int]], width: Optional[int] = None) -> "PagedBlocks":
-        """The step for ``chunks`` (``n_new`` equal for all rows) as a :class:`PagedBlocks`:
-        attention reads each row's blocks in place.  ``width``: columns of the block table
-        (default: the longest row's blocks; a fixed width keeps shapes fixed for CUDA graphs).
-        Takes the blocks the new tokens need.  Cost: O(blocks) host work, four small tensors."""
+    def blocks_step(self, chunks: Sequence[Tuple[Hashable, int]], width: Optional[int] = None,
+                    packed: bool = False) -> "PagedBlocks":
+        """The step for ``chunks`` as a :class:`PagedBlocks`: attention reads each row's blocks
+        in place.  Unpacked, ``n_new`` must be equal for all rows (``(B, n_new)`` queries);
+        ``packed``: every new token in one ``(1, T)`` row, each knowing its block-table row
+        (``query_rows``), for prompt chunks of any lengths.  ``width``: columns of the block
+        table (default: the longest row's blocks; a fixed width keeps shapes fixed for CUDA
+        graphs).  Takes the blocks the new tokens need.  Cost: O(blocks + new tokens) host work,
+        a few small tensors."""
         dev = self.pool.device
         starts, writes, tables = self.plan(chunks, width)
+        table = torch.tensor(tables, dtype=torch.int32, device=dev)
+        if packed:
+            qpos = [p for st, w in zip(starts, writes) for p in range(st, st + len(w))]
+            rows = [i for i, w in enumerate(writes) for _ in w]
+            as_t = lambda xs: torch.tensor([xs], dtype=torch.long, device=dev)  # noqa: E731
+            return PagedBlocks(self.pool, as_t([x for w in writes for x in w]), table, as_t(qpos), as_t(rows))
         if any(len(w) != len(writes[0]) for w in writes):
             raise ValueError(f"a PagedBlocks step needs the same number of new tokens per sequence, got "
                              f"{[n for _, n in chunks]}")
-        table = torch.tensor(tables, dtype=torch.int32, device=dev)
         qpos = torch.tensor([list(range(st, st + len(w))) for st, w in zip(starts, writes)], device=dev)
         return PagedBlocks(self.pool, torch.tensor(writes, device=dev), table, qpos)
 
@@ -341,7 +349,9 @@ class PagedBlocks:
     pool blocks each row reads, in order (``-1`` after its last block), ``query_positions``
     ``(B, S)``.  Block ``block_table[b, j]`` holds row ``b``'s positions ``j * bs .. j * bs +
     bs - 1``: that is the whole answer to "which position does each key hold", so nothing per
-    key is stored or copied.
+    key is stored or copied.  A *packed* step (prompt chunks of different lengths) is one row
+    ``(1, T)`` whose ``query_rows`` ``(1, T)`` says which block-table row each token reads
+    (the CPU kernel's form; FlexAttention's block mask has no such rows).
 
     * ``update(key, value, layer_idx, cache_position)`` takes ``(B, S, H_kv, D)``, writes it at
       ``write_slots`` and returns the layer's *whole pool* as ``(1, slots, H_kv, D)`` views
@@ -359,9 +369,10 @@ class PagedBlocks:
     positions_in_cache = False
     layout = "bshd"
 
-    def __init__(self, pool: BlockPool, write_slots: Tensor, block_table: Tensor, query_positions: Tensor):
+    def __init__(self, pool: BlockPool, write_slots: Tensor, block_table: Tensor, query_positions: Tensor,
+                 query_rows: Optional[Tensor] = None):
         self.pool, self.write_slots, self.block_table = pool, write_slots, block_table
-        self.query_positions = query_positions
+        self.query_positions, self.query_rows = query_positions, query_rows
 
     def update(self, key: Tensor, value: Tensor, layer_idx: int,
                cache_position: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:

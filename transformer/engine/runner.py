@@ -42,6 +42,8 @@ import torch
 from kv_cache.paged.block_manager import BlockManager, PagedBlocks
 from kv_cache.paged.rows import RowBuffer
 
+from .. import cpu_attention
+
 PAD_SEQ = "<cuda-graph padding>"  # the block manager's name for the runner's padding block
 
 
@@ -64,9 +66,10 @@ class ModelRunner:
         if attention not in ("auto", "paged", "rows", "gather"):
             raise ValueError(f"attention must be 'auto', 'paged', 'rows' or 'gather', got {attention!r}")
         small_heads = model.config.head_dim < 16  # FlexAttention's GPU kernels need head_dim >= 16
+        kernel = cpu_attention.available(dev, blocks.pool.dtype)  # the CPU paged-attention kernel
         if attention == "auto":
-            attention = ("paged" if not small_heads else "gather") if dev.type == "cuda" else \
-                "rows" if self.rows_fit(model, blocks, max_num_seqs) else "gather"
+            attention = ("paged" if not small_heads else "gather") if dev.type == "cuda" else "paged" if kernel \
+                else "rows" if self.rows_fit(model, blocks, max_num_seqs) else "gather"
         if attention == "paged" and dev.type == "cuda" and small_heads:
             raise ValueError(f"attention='paged' on CUDA needs head_dim >= 16 (FlexAttention's kernels), this model "
                              f"has head_dim={model.config.head_dim}; use attention='gather'")
@@ -77,6 +80,7 @@ class ModelRunner:
                              f"on {dev}")
         self.model, self.blocks, self.attention, self.cuda_graph = model, blocks, attention, cuda_graph
         self.device = dev
+        self.packed_in_place = attention == "paged" and kernel  # prompt chunks read in place too (CPU kernel)
         self.graphs: Dict[int, Tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.rows = RowBuffer(blocks, max_num_seqs, model.config.max_seq_len) if attention == "rows" else None
         if cuda_graph:
@@ -107,7 +111,7 @@ class ModelRunner:
     # ------------------------------------------------------------------ prefill
     def prefill(self, chunks: Sequence[Tuple[object, int]]) -> torch.Tensor:
         """Logits ``(len(chunks), V)`` at the last new token of each prompt chunk, one forward."""
-        batch = self.blocks.batch([(r.request_id, n) for r, n in chunks], packed=True)
+        batch = self.blocks.batch([(r.request_id, n) for r, n in chunks], packed=True, in_place=self.packed_in_place)
         ids, last = [], []
         for r, n in chunks:
             ids += r.tokens(r.num_computed, r.num_computed + n)
