@@ -135,3 +135,29 @@ def test_a_compiler_that_fails_leaves_the_kernel_unavailable_with_its_message(tm
     with pytest.raises(RuntimeError, match=f"CPU paged-attention kernel is not available: {cc} failed"):
         paged_attention(torch.randn(1, 1, 2, 8), torch.randn(4, 2, 8), torch.randn(4, 2, 8),
                         torch.zeros(1, 1, dtype=torch.int32), 4, torch.zeros(1, 1, dtype=torch.long))
+
+
+def test_a_compiler_that_refuses_the_tuning_flags_still_builds_the_kernel(tmp_path, monkeypatch):
+    """``-march=native`` refused (a compiler that does not know it): the next flag set builds."""
+    import shutil
+    cc = tmp_path / "picky-cc"
+    cc.write_text(f'#!/bin/sh\ncase "$*" in *-march=native*) echo "unknown flag" >&2; exit 1;; esac\n'
+                  f'exec {shutil.which("cc") or shutil.which("gcc")} "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("TRANSFORMER_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_attention, "_lib", None)
+    assert cpu_attention.available("cpu", torch.float32)
+    q, k = torch.randn(1, 1, 2, 8), torch.randn(4, 2, 8)
+    got = paged_attention(q, k, k, torch.zeros(1, 1, dtype=torch.int32), 4, torch.tensor([[3]]))
+    torch.testing.assert_close(got, reference(q, k, k, torch.zeros(1, 1, dtype=torch.int32), 4, torch.tensor([[3]]),
+                                              torch.zeros(1, 1, dtype=torch.long), None))
+
+
+def test_an_unwritable_cache_folder_falls_back_to_the_temporary_directory(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("TRANSFORMER_KERNEL_CACHE", str(blocker / "cache"))  # cannot be created
+    monkeypatch.setattr(cpu_attention, "_lib", None)
+    assert cpu_attention.available("cpu", torch.float32)
+    assert blocker.read_text() == "not a folder"

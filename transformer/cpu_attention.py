@@ -153,7 +153,11 @@ int64_t paged_attention_f32(const float *q, const float *k, const float *v, cons
 }
 """
 
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+#: Compiler flags, tried in turn: tuned for this CPU with OpenMP threads; then without
+#: ``-march=native`` (a compiler that does not know it); then single-threaded (no OpenMP, e.g.
+#: Apple's clang).  ``-fno-math-errno`` lets the compiler use vector ``expf``.
+_FLAG_SETS = (["-O3", "-march=native", "-fno-math-errno", "-fopenmp"], ["-O3", "-fno-math-errno", "-fopenmp"],
+              ["-O3", "-fno-math-errno"])
 _lib = None  # the loaded library, False when it cannot be built here
 _why = ""  # why not, for error messages
 
@@ -176,9 +180,30 @@ def _machine_key() -> str:
     return platform.machine() + platform.processor() + flags
 
 
+def _build(cc: str, flags, directory: str) -> str:
+    """The library compiled from :data:`_SOURCE` with ``flags`` in ``directory`` (reused when
+    there already).  Raises ``OSError`` (the compiler's message) when it cannot be built."""
+    key = hashlib.sha256("\0".join([_SOURCE, cc, *flags, _machine_key()]).encode()).hexdigest()[:16]
+    path = os.path.join(directory, f"paged_attention_{key}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        src, so = os.path.join(tmp, "paged_attention.c"), os.path.join(tmp, "paged_attention.so")
+        with open(src, "w") as f:
+            f.write(_SOURCE)
+        done = subprocess.run([cc, *flags, "-shared", "-fPIC", src, "-o", so, "-lm"], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise OSError(done.stderr.strip()[:500])
+        os.replace(so, path)  # atomic: a concurrent process sees no file or a whole one
+    return path
+
+
 def _load():
     """Compile (once per source, flags and CPU; cached on disk) and load the kernel library.
-    Returns the ``ctypes`` library, or ``None`` with :data:`_why` set when no C compiler works."""
+    Returns the ``ctypes`` library, or ``None`` with :data:`_why` set when no C compiler works.
+    The cache is :func:`_cache_dir`, or a per-user folder under the temporary directory where
+    that cannot be written."""
     global _lib, _why
     if _lib is not None:
         return _lib or None
@@ -186,29 +211,22 @@ def _load():
     if cc is None:
         _lib, _why = False, "no C compiler found (set CC, or install gcc)"
         return None
-    key = hashlib.sha256("\0".join([_SOURCE, cc, *_FLAGS, _machine_key()]).encode()).hexdigest()[:16]
-    path = os.path.join(_cache_dir(), f"paged_attention_{key}.so")
-    if not os.path.exists(path):
-        os.makedirs(_cache_dir(), exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=_cache_dir()) as tmp:
-            src, so = os.path.join(tmp, "paged_attention.c"), os.path.join(tmp, "paged_attention.so")
-            with open(src, "w") as f:
-                f.write(_SOURCE)
+    errors = []
+    fallback = os.path.join(tempfile.gettempdir(), f"transformer-kernels-{getattr(os, 'getuid', lambda: 0)()}")
+    for flags in _FLAG_SETS:
+        for directory in (_cache_dir(), fallback):
             try:
-                done = subprocess.run([cc, *_FLAGS, src, "-o", so, "-lm"], capture_output=True, text=True)
-                error = done.stderr.strip()[:500] if done.returncode != 0 else None
-            except OSError as e:  # not there, not executable
-                error = str(e)
-            if error is not None:
-                _lib, _why = False, f"{cc} failed: {error}"
-                return None
-            os.replace(so, path)  # atomic: a concurrent process sees no file or a whole one
-    lib = ctypes.CDLL(path)
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.paged_attention_f32.argtypes = [ptr] * 7 + [i64] * 10 + [ctypes.c_float, ctypes.c_int]
-    lib.paged_attention_f32.restype = i64
-    _lib = lib
-    return lib
+                lib = ctypes.CDLL(_build(cc, flags, directory))
+            except OSError as e:  # no compiler there, flags it refuses, a folder it cannot write
+                errors.append(str(e))
+                continue
+            i64, ptr = ctypes.c_int64, ctypes.c_void_p
+            lib.paged_attention_f32.argtypes = [ptr] * 7 + [i64] * 10 + [ctypes.c_float, ctypes.c_int]
+            lib.paged_attention_f32.restype = i64
+            _lib = lib
+            return lib
+    _lib, _why = False, f"{cc} failed: {errors[0]}"
+    return None
 
 
 def why_not() -> str:
