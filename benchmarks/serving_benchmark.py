@@ -217,7 +217,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="engine: most requests per step [64]")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="engine: most tokens per step [512]")
     p.add_argument("--attention", choices=("auto", "paged", "rows", "gather"), nargs="+", default=["auto"],
-                   help="engine decode attention, one continuous row each [auto: paged on CUDA, rows on CPU]")
+                   help="engine attention, one continuous row each [auto: paged (on a CPU: the C kernel, or rows without a compiler)]")
     p.add_argument("--no-cuda-graph", action="store_true", help="engine: no CUDA graphs for decode steps")
     p.add_argument("--no-async", action="store_true", help="engine: read each step's tokens before the next "
                    "(no overlap of host and GPU work)")

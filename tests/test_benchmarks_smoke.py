@@ -145,7 +145,7 @@ def test_serving_benchmark_quick_compares_three_modes_with_the_same_tokens(tmp_p
         assert _positive(r["tokens_per_s"]) and _positive(r["ttft_p50_ms"])
         assert r["same_tokens_as_one_at_a_time"] == 1.0  # every request: the tokens of generate() alone
     printed = capsys.readouterr().out
-    assert "| continuous (LLMEngine, rows)" in printed and "| continuous (LLMEngine, gather)" in printed  # rows: the CPU default
+    assert "| continuous (LLMEngine, paged)" in printed and "| continuous (LLMEngine, gather)" in printed  # paged: the CPU default
 
 
 def test_serving_benchmark_repeat_reports_each_modes_median_run(tmp_path, capsys):
@@ -185,6 +185,19 @@ def test_sampling_benchmark_quick_times_both_ways_of_each_part(tmp_path, capsys)
     assert "| filters: top-p 0.95, flat logits" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         sampling_benchmark.main(["--rows", "0"])
+
+
+def test_cpu_attention_benchmark_quick_checks_the_three_ways_agree_and_times_them(tmp_path, capsys):
+    from benchmarks import cpu_attention_benchmark
+    out = tmp_path / "cpu_attention.json"
+    rows = cpu_attention_benchmark.main(["--quick", "--out", str(out)])["rows"]
+    assert [r["way"] for r in rows] == ["rows + SDPA", "gather + SDPA", "paged kernel"]
+    assert all(_positive(r["ms"]) and _positive(r["gb_s"]) for r in rows) and rows[0]["vs_rows"] == 1.0
+    assert json.loads(out.read_text())["results"]["args"]["rows"] == 8
+    assert "| paged kernel" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cpu_attention_benchmark.main(["--min-len", "9", "--max-len", "8"])
+    assert "--min-len 9 must be <= --max-len 8" in capsys.readouterr().err
 
 
 def test_serving_benchmark_times_transformers_continuous_batching_on_the_same_weights(tmp_path):
