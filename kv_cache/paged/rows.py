@@ -8,7 +8,9 @@ copies the whole history of every running request, layer by layer, every step --
 project's 2-core test machine that copy was 30% of a decode step, and SDPA over the gathered
 ``(B, N, H, D)`` view was slower than over a ``(B, H, N, D)`` one.
 
-So the CPU engine keeps a **second, dense copy** of the keys it is serving: a
+The engine's CPU default reads the blocks in place with a small C kernel
+(``transformer/cpu_attention.py``; this package knows no model, so it lives there).  Where no C
+compiler builds it, the CPU engine keeps a **second, dense copy** of the keys it is serving: a
 :class:`RowBuffer` of ``rows x max_len`` tokens per layer, laid out ``(rows, H_kv, max_len, D)``
 like a static batch's cache.  Each running request owns one row while it runs; every key is
 written twice (its pool slot and its row: two tiny copies per layer), and a decode step over

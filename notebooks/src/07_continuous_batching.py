@@ -164,7 +164,7 @@ def serve(engine, arrivals):
     the model, and the prompt tokens that did not have to because the prefix cache held them."""
     pending, rids, trace, fed = list(arrivals), [], [], []
 
-    def count(module, args, kwargs):  # requests' tokens (a CPU decode step also runs idle padding rows)
+    def count(module, args, kwargs):  # requests' tokens (attention="rows" also runs idle padding rows)
         fed.append(getattr(kwargs.get("cache"), "num_sequences", args[0].numel()))
 
     hook = engine.model.register_forward_pre_hook(count, with_kwargs=True)
@@ -315,9 +315,9 @@ for s in range(8):
 # cache (section 4), and they go to the back of the list, to be handed out last. Block 8, partly
 # filled, goes to the front: request 4, admitted at step 3, takes it first, then blocks 11 and 12.
 # Physical blocks need not be contiguous, nor in order: a request's key at position `p` is in slot
-# `table[p // 4] * 4 + p % 4`. On a GPU attention reads the blocks there, in place; on a CPU the
-# engine also writes each running request's keys into one dense row of its own
-# (`attention="rows"`, the fastest path measured there) and attention reads that row.
+# `table[p // 4] * 4 + p % 4`. Attention reads the blocks there, in place: on a GPU through
+# FlexAttention (the block tables are its sparse layout), on a CPU through a small C kernel
+# (`transformer/cpu_attention.py`) that follows each query's table to exactly its own keys.
 #
 # The whole run, drawn two ways: which request owns each physical block after each step (white:
 # free), and how many blocks each request holds.

@@ -13,9 +13,9 @@ The model is the project's ordinary forward pass: the packed step is a cache
 (:class:`~kv_cache.paged.block_manager.PagedBatch`) that reports each key's position and
 sequence, and the model's one mask builder turns that into a block-diagonal causal mask.  There
 is no engine-only model code.  Sampling is batched on the device (:mod:`.sampler`), each
-request drawing from its own ``torch.Generator`` (seeded by ``seed``), so a request's tokens do
-not depend on which others share its steps -- up to float rounding of batched arithmetic,
-which can flip a near-tie (measured: ``docs/serving.md``).
+request's noise a hash of its ``seed`` and the token's position, so a request's tokens do not
+depend on which others share its steps -- up to float rounding of batched arithmetic, which
+can flip a near-tie (measured: ``docs/serving.md``).
 
 On a GPU the loop is **asynchronous** (``async_scheduling``): the tokens of step ``N`` are
 copied back while the host already schedules step ``N + 1``, whose input ids are taken from
@@ -64,12 +64,13 @@ class LLMEngine:
         enable_prefix_caching: share the KV blocks of prompt prefixes seen before.
         eos_token_id: stops every request unless it sets its own ``stop_token_ids``: one id or a
             list (default: the model config's ``eos_token_id``); :attr:`eos_token_ids` is the tuple.
-        attention: how decode steps read the history: ``"auto"`` (``"paged"`` on CUDA,
-            ``"rows"`` on CPU where its buffer fits, ``ModelRunner.rows_fit``, else ``"gather"``),
-            ``"paged"`` (FlexAttention over the blocks in place), ``"rows"``
-            (each running request's keys also kept in a dense row, read in place by SDPA;
-            costs a ``max_num_seqs x max_seq_len`` buffer beside the pool) or ``"gather"``
-            (copy each row's history, then SDPA); see :mod:`.runner`.
+        attention: how steps read the history: ``"auto"`` (``"paged"``; on a CPU without a C
+            compiler ``"rows"`` where its buffer fits, ``ModelRunner.rows_fit``, else
+            ``"gather"``), ``"paged"`` (the blocks read in place: FlexAttention on a GPU, the C
+            kernel of :mod:`transformer.cpu_attention` on a CPU), ``"rows"`` (each running
+            request's keys also kept in a dense row, read in place by SDPA; costs a
+            ``max_num_seqs x max_seq_len`` buffer beside the pool) or ``"gather"`` (copy each
+            row's history, then SDPA); see :mod:`.runner`.
         cuda_graph: replay decode steps as CUDA graphs (default: on with ``"paged"`` on CUDA;
             holds one block of the pool for padding rows).
         async_scheduling: overlap the host's work with the device's: schedule and stage step
@@ -78,9 +79,10 @@ class LLMEngine:
             off on a CPU, which does the two in turn anyway).
 
     Use: :meth:`add_request` then :meth:`step` until :meth:`has_unfinished` is False, or
-    :meth:`generate` for a list of prompts.  Cost per step: one forward over the step's tokens
-    (``"gather"``: plus a copy of every running request's history per layer; ``"rows"``: plus
-    a second write of each new token).
+    :meth:`generate` for a list of prompts.  Cost per step: one forward over the step's tokens,
+    attention reading each request's own keys (``"gather"``: plus a copy of every running
+    request's history per layer; ``"rows"``: plus a second write of each new token, and reads
+    padded to the step's longest history).
     """
 
     def __init__(self, model, *, num_blocks: int = 256, block_size: int = 16, max_num_seqs: int = 32,

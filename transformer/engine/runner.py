@@ -3,9 +3,11 @@
 The scheduler says *who* runs; the runner turns that into calls of the model's one forward
 pass and owns everything about running it fast, none of the maths:
 
-* **prompt chunks** (prefill): packed into one ``(1, S)`` row over a gathering
-  :class:`~kv_cache.paged.block_manager.PagedBatch` (a block-diagonal causal mask, no padded
-  queries).  A chunk's keys are copied once per step, which is small next to its matrix work;
+* **prompt chunks** (prefill): packed into one ``(1, S)`` row (no padded queries).  With the
+  CPU kernel (``"paged"`` on a CPU) a packed :class:`~kv_cache.paged.block_manager.PagedBlocks`
+  step, each token reading its own sequence's blocks in place; otherwise a gathering
+  :class:`~kv_cache.paged.block_manager.PagedBatch` (a block-diagonal causal mask; a chunk's
+  keys are copied once per step, small next to its matrix work);
 * **decode tokens**: a ``(B, 1)`` batch.  Two ways to read the history, chosen by
   ``attention``:
 
@@ -15,13 +17,14 @@ pass and owns everything about running it fast, none of the maths:
     :class:`~kv_cache.paged.rows.RowBuffer` (``(max_num_seqs, H, max_seq_len, D)`` per layer,
     a static batch's cache layout); every key is written to its pool slot *and* its row, and a
     decode step hands attention the rows in place.  No per-step copy, at the price of that
-    buffer's memory on top of the pool.  The fastest correct path measured on a CPU, the
-    default there (``docs/serving.md``);
-  - ``"paged"``: a :class:`~kv_cache.paged.block_manager.PagedBlocks` step; the model builds a
-    FlexAttention block mask whose sparse rows *are* the block tables, so attention reads each
-    row's blocks where they are in the pool (no copy of the history).  On a GPU this is what
-    serving needs: decode is bound by reading the keys, and a gather reads them twice and
-    writes them once more;
+    buffer's memory on top of the pool, and SDPA reads every row to the step's longest
+    history.  The CPU default where no compiler builds the kernel (``docs/serving.md``);
+  - ``"paged"``: a :class:`~kv_cache.paged.block_manager.PagedBlocks` step; attention reads
+    each row's blocks where they are in the pool (no copy of the history): on a GPU through a
+    FlexAttention block mask whose sparse rows *are* the block tables, on a CPU through the C
+    kernel of :mod:`transformer.cpu_attention` (each query reads exactly its own keys; the
+    fastest path measured on a CPU and its default where a C compiler works).  Decode is
+    bound by reading the keys, and a gather reads them twice and writes them once more;
 
 * **CUDA graphs** (``cuda_graph``, with ``"paged"`` on a GPU): a decode step of ``B`` rows
   replays a graph recorded for the smallest bucket ``>= B`` (1, 2, 4, 8, ...).  The inputs
@@ -53,9 +56,9 @@ class ModelRunner:
     Args:
         model: the decoder-only model (its device and dtype are the pool's).
         blocks: the engine's :class:`~kv_cache.paged.block_manager.BlockManager`.
-        attention: ``"auto"`` (``"paged"`` on CUDA; on a CPU ``"rows"`` where its buffer fits,
-            :meth:`rows_fit`, else ``"gather"``), ``"paged"``, ``"rows"`` or ``"gather"``; see the
-            module docstring.
+        attention: ``"auto"`` (``"paged"``: on a CPU where the C kernel builds, else ``"rows"``
+            where its buffer fits, :meth:`rows_fit`, else ``"gather"``), ``"paged"``, ``"rows"``
+            or ``"gather"``; see the module docstring.
         cuda_graph: replay decode steps as CUDA graphs (default: on for ``"paged"`` on CUDA).
         max_num_seqs: largest decode batch (the largest graph bucket).
     """
