@@ -200,6 +200,14 @@ def test_cpu_attention_benchmark_quick_checks_the_three_ways_agree_and_times_the
     assert "--min-len 9 must be <= --max-len 8" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gemv_benchmark_refuses_without_cuda_naming_what_it_needs(capsys):
+    from benchmarks import gemv_benchmark
+    with pytest.raises(SystemExit):
+        gemv_benchmark.main([])
+    assert "needs CUDA; no CUDA device is available" in capsys.readouterr().err
+
+
 def test_serving_benchmark_times_transformers_continuous_batching_on_the_same_weights(tmp_path):
     from benchmarks import serving_benchmark
     out = tmp_path / "serving_hf.json"
