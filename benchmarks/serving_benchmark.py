@@ -20,8 +20,9 @@ compared with one-at-a-time ``generate()``.
     python -m benchmarks.serving_benchmark --checkpoint out          # the default trained model
     python -m benchmarks.serving_benchmark --random                  # its shape, random weights
     python -m benchmarks.serving_benchmark --random --quick          # smoke test (seconds)
-    python -m benchmarks.serving_benchmark --random --requests 256 --max-num-seqs 128 \
-        --max-num-batched-tokens 1024 --num-blocks 2048 --batch 64 256 --no-one-at-a-time --repeat 3
+    python -m benchmarks.serving_benchmark --random --requests 256 --max-num-seqs 256 \
+        --max-num-batched-tokens 2048 --num-blocks 4096 --attention paged rows --batch 64 256 \
+        --no-one-at-a-time --repeat 5                                 # the README's CPU row
     python -m benchmarks.serving_benchmark --gpt2-shape --device cuda --dtype bfloat16 \
         --requests 256 --min-len 100 --max-len 1024 --batch 64 --static-compile --no-one-at-a-time
 
