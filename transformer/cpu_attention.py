@@ -9,7 +9,7 @@ serving as its sparse layout.  On a CPU PyTorch has no kernel that does this wel
 * gathering each row's blocks into a padded batch and calling ``scaled_dot_product_attention``
   copies the whole history every step, then reads it again;
 * SDPA over dense per-request rows (``kv_cache.paged.rows``) reads every row padded to the
-  step's longest (1.7x the keys it needs on the serving benchmark), at ~13 GB/s on this
+  step's longest (1.7x the keys it needs on the serving benchmark), at ~8-10 GB/s on this
   project's 2-core test VM whose memory streams at ~25-30 GB/s: for one query per row its CPU
   kernel pays a small matrix product per (row, head).
 
@@ -24,11 +24,14 @@ For query ``t`` of row ``b`` at position ``p``::
 
 which is attention's usual rule (the one :func:`~transformer.layers.attention_mask` builds:
 causal by position, optionally windowed) over exactly the keys it allows.  Work items are
-(query, key/value head) pairs, spread over the threads with OpenMP; the ``G`` query heads of a
-grouped-query head share one read of its keys.  Keys and values are read once each, in whole
-128-byte head rows: cost ``O(sum of the queries' key counts * H * D)``, bound by memory
-bandwidth.  float32 only (a CPU engine's dtype); elsewhere :func:`available` says no and the
-caller keeps its other path.
+queries (or, with few queries to share out, (query, key/value head) pairs), spread over the
+threads with OpenMP; the ``G`` query heads of a grouped-query head share one read of its keys.
+Keys and values are read once each, a key's heads in one contiguous read: cost ``O(sum of the
+queries' key counts * H * D)``.  On the test VM it reads ~12-15 GB/s, about half of what a
+bare read of the same blocks reaches (the rest is the arithmetic of many short dot products);
+a decode layer of 128 rows takes 0.65x the time of SDPA over dense rows, which also read the
+padding (``python -m benchmarks.cpu_attention_benchmark``).  float32 only (a CPU engine's
+dtype); elsewhere :func:`available` says no and the caller keeps its other path.
 
 This module knows the pool only as a ``(slots, H_kv, D)`` tensor and a block table.
 """
