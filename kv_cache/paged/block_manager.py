@@ -167,10 +167,10 @@ class BlockManager:
         queries).  ``packed=False``: one row per sequence, ``(B, max n_new)`` queries and ``(B,
         longest history)`` keys, shorter rows padded with keys at a position no query reaches
         (decode steps: attention reads ``B x L`` keys, not ``B x B x L``).  With
-        ``in_place=True``, a :class:`PagedBlocks` step instead, whose attention reads the blocks where they are
-        (no gather; a paged-attention kernel: FlexAttention, or on a CPU
-        ``transformer.cpu_attention``, which alone takes a packed one).  Call
-        :meth:`commit` for each chunk after the forward.  Cost: O(keys read) host work for a few
+        ``in_place=True``, a :class:`PagedBlocks` step instead, whose attention reads the blocks
+        where they are (no gather; a paged-attention kernel: FlexAttention, or on a CPU
+        ``transformer.cpu_attention``, which alone takes a packed one).  Call :meth:`commit` for
+        each chunk after the forward.  Cost: O(keys read) host work for a few
         index tensors (``in_place``: O(blocks)).
         """
         if in_place:

@@ -8,7 +8,7 @@ pass and owns everything about running it fast, none of the maths:
   step, each token reading its own sequence's blocks in place; otherwise a gathering
   :class:`~kv_cache.paged.block_manager.PagedBatch` (a block-diagonal causal mask; a chunk's
   keys are copied once per step, small next to its matrix work);
-* **decode tokens**: a ``(B, 1)`` batch.  Two ways to read the history, chosen by
+* **decode tokens**: a ``(B, 1)`` batch.  Three ways to read the history, chosen by
   ``attention``:
 
   - ``"gather"``: each layer copies every row's history into a padded ``(B, N)`` batch
