@@ -85,7 +85,8 @@ def _timed(call, repeats: int, warmup: int, device) -> List[float]:
 def run_ours(args, batch: int) -> Dict[str, Any]:
     """This project's ``FastDecoder`` (``compile=True``; CUDA graphs on a GPU) on the shape; system
     ``ours-tuned`` compiles with inductor's coordinate-descent tuning (gpt-fast's setting),
-    ``ours-autotune`` with its max-autotune."""
+    ``ours-autotune`` with its max-autotune, ``ours-combo`` with its combo kernels (independent
+    small kernels launched as one)."""
     from transformer import DecoderOnlyTransformer, FastDecoder
     device = torch.device(args.device)
     shape = QUICK if args.quick else LLAMA_1B
@@ -93,8 +94,8 @@ def run_ours(args, batch: int) -> Dict[str, Any]:
     with torch.device(device):
         model = DecoderOnlyTransformer(model_config(shape, args.prompt_len + args.new_tokens + 8))
     model = model.to(torch.bfloat16).eval()
-    options = {"ours-tuned": {"coordinate_descent_tuning": True},
-               "ours-autotune": {"max_autotune": True}}.get(args.system)
+    options = {"ours-tuned": {"coordinate_descent_tuning": True}, "ours-autotune": {"max_autotune": True},
+               "ours-combo": {"combo_kernels": True}}.get(args.system)
     fast = FastDecoder(model, batch_size=batch, max_cache_len=args.prompt_len + args.new_tokens + 1,
                        compile=not args.no_compile, compile_options=options)
     prompt = torch.randint(0, shape["vocab_size"], (batch, args.prompt_len), device=device)
@@ -159,7 +160,7 @@ def parent(args) -> Dict[str, Any]:
     shape = QUICK if args.quick else LLAMA_1B
     bw = copy_bandwidth(device, (64 if args.quick else 2048) << 20)
     systems = (["ours"] + (["ours-tuned"] if args.tuned else []) + (["ours-autotune"] if args.autotune else [])
-               + (["gpt-fast"] if args.gpt_fast else []))
+               + (["ours-combo"] if args.combo else []) + (["gpt-fast"] if args.gpt_fast else []))
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         for system in systems:
@@ -221,11 +222,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--autotune", action="store_true",
                    help="also a row of ours compiled with inductor's max-autotune (Triton matrix kernels timed "
                         "against cuBLAS for each shape, with fused epilogues; minutes of compiling)")
+    p.add_argument("--combo", action="store_true",
+                   help="also a row of ours compiled with inductor's combo kernels (independent small kernels, "
+                        "such as the elementwise work between two matrix products, launched as one)")
     p.add_argument("--quick", action="store_true", help="a tiny shape: a smoke test of the script")
     p.add_argument("--timeout", type=int, default=900, help="seconds per system and batch size [900]")
     p.add_argument("--out", default=None, help="results JSON [benchmarks/results/llama_decode_<device>.json]")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--system", default="ours", choices=("ours", "ours-tuned", "ours-autotune", "gpt-fast"), help=argparse.SUPPRESS)
+    p.add_argument("--system", default="ours", choices=("ours", "ours-tuned", "ours-autotune", "ours-combo", "gpt-fast"),
+                   help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("new_tokens", "prompt_len", "repeats"):
         if getattr(args, name) < 1:
