@@ -381,18 +381,9 @@ class MaskPlan:
             spec = varlen()  # packed sequences on a GPU: their mask in compressed form, for a varlen kernel
             if spec is not None:
                 return VarlenMask(*spec)
-        if hasattr(cache, "key_blocks"):  # attention reads a paged pool in place
-            if (self.key_padding_mask is None and not torch.compiler.is_compiling()
-                    and cpu_attention.available(self.query_positions.device, dtype)):
-                table, block_size, _ = cache.key_blocks()  # on a CPU: the kernel's per-query rule
-                return PagedMask(table, block_size, self.query_positions, getattr(cache, "query_rows", None),
-                                 self.window)
-            if getattr(cache, "query_rows", None) is not None:
-                raise ValueError("a packed in-place paged step (query_rows) needs the CPU paged-attention kernel: "
-                                 f"float32 on a CPU, eager, with a C compiler; got {dtype} on "
-                                 f"{self.query_positions.device} ({cpu_attention.why_not()})")
-            if self._last is None or self._last[0] is not cache:  # elsewhere: a FlexAttention block mask
-                self._last = cache, None, paged_block_mask(self.query_positions, *cache.key_blocks(), self.window)
+        if hasattr(cache, "key_blocks"):  # attention reads a paged pool in place: one mask per step, all layers
+            if self._last is None or self._last[0] is not cache or self._last[1] != dtype:
+                self._last = cache, dtype, self._paged_mask(cache, dtype)
             return self._last[2]
         kp = self.query_positions if cache is None else cache.key_positions(layer_idx)
         if self._last is None or self._last[0] is not kp or self._last[1] != dtype:
@@ -404,6 +395,22 @@ class MaskPlan:
             self._last = kp, dtype, allowed
         return self._last[2]
 
+
+    def _paged_mask(self, cache, dtype: Optional[torch.dtype]):
+        """The mask of a step that reads a paged pool in place (``cache.key_blocks()``): on a
+        CPU in float32, the C kernel's per-query rule (:class:`PagedMask`, its block table as
+        int64 once for every layer); elsewhere a FlexAttention block mask.  A packed step
+        (``query_rows``), which only the kernel reads, is refused elsewhere."""
+        rows = getattr(cache, "query_rows", None)
+        if (self.key_padding_mask is None and not torch.compiler.is_compiling()
+                and cpu_attention.available(self.query_positions.device, dtype)):
+            table, block_size, _ = cache.key_blocks()
+            return PagedMask(table.long(), block_size, self.query_positions, rows, self.window)
+        if rows is not None:
+            raise ValueError("a packed in-place paged step (query_rows) needs the CPU paged-attention kernel: "
+                             f"float32 on a CPU, eager, with a C compiler; got {dtype} on "
+                             f"{self.query_positions.device} ({cpu_attention.why_not()})")
+        return paged_block_mask(self.query_positions, *cache.key_blocks(), self.window)
 
 def plan_mask(query_positions: torch.Tensor, past: Optional[int], cache=None,
               key_padding_mask: Optional[torch.Tensor] = None, window: Optional[int] = None) -> MaskPlan:
