@@ -200,6 +200,19 @@ def test_top_k_draw_scores_only_the_candidates_and_draws_what_the_full_pass_draw
     assert differs > 100  # really sampled, not the argmax
 
 
+def test_top_k_draw_on_bfloat16_logits_is_the_float32_draw():
+    """The candidates are chosen on the logits in the model's dtype (a cheaper radix select) and
+    scored in float32: bfloat16 logits draw exactly what the same logits in float32 draw (all
+    distinct, so no tie at the k-th place), at temperatures above and below 1."""
+    g = torch.Generator().manual_seed(11)
+    for t in range(30):
+        logits = torch.stack([torch.randperm(256, generator=g) for _ in range(5)]).sub(128).div(16).bfloat16()
+        seed, c = torch.tensor([t]), torch.tensor([7 * t])
+        for temperature, k in ((0.8, 200), (1.3, 17), (0.05, 4)):
+            got = sample_on_device(logits, seed, c, temperature, k)
+            assert torch.equal(got, sample_on_device(logits.float(), seed, c, temperature, k)), (t, temperature, k)
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.7, None, None), (1.3, 4, None),
                                                      (1.0, None, 0.8), (0.9, 5, 0.7)])
 def test_sampler_follows_process_logits(temperature, top_k, top_p):

@@ -152,10 +152,14 @@ def sample_on_device(logits: torch.Tensor, seed: torch.Tensor, counter: torch.Te
     the vocabulary does -- the draw of the full pass (up to a tie of the ``k``-th largest
     logit, where either set is a valid top-k), without writing, hashing and reducing ``V``
     numbers per row (measured on an H200, Llama-3.2-1B shape: ~125 of a 1,160 us step).
+    That ``topk`` runs on the logits in the model's dtype: converting bfloat16 to float32 is exact
+    and keeps the order, so the candidates are the same, and a radix select over 16-bit keys
+    makes two passes instead of four (H200, 128,256 logits: 37 against 58 us at batch 1, 51
+    against 78 at batch 16).  The ``k`` candidates are then scored in float32.
     """
     V = logits.shape[-1]
     if top_k is not None and top_p is None and temperature != 0 and top_k < V:
-        vals, idx = torch.topk(logits.float(), top_k, dim=-1, sorted=False)  # (B, k): the only possible winners
+        vals, idx = torch.topk(logits, top_k, dim=-1, sorted=False)  # (B, k): the only possible winners
         z = process_logits(vals, temperature) - torch.log(-torch.log(noise_at(seed, counter, idx)))
         return torch.where(z == z.amax(dim=-1, keepdim=True), idx, V).amin(dim=-1)
     scores = process_logits(logits, temperature, top_k, top_p)
@@ -322,7 +326,7 @@ class FastDecoder:
         asking the device, and such a step may change shape: it is compiled once with
         ``kv_len`` as a symbolic size.  Halves the attention's reads on average."""
         logits = self._forward(self.token, self.slot, self.pos, kv_len)
-        self._record(self._choose(logits.float(), sampling), sampling)
+        self._record(self._choose(logits, sampling), sampling)
 
     def _step_fn(self, sampling) -> Callable[[int], None]:
         """``step(kv_len)`` running one step for these sampling settings (compiled / captured once).
@@ -395,7 +399,7 @@ class FastDecoder:
         kv_len = None if self.cuda_graph else P  # a graph keeps the step's fixed cache length
         logits = self._forward(self.seq[:, :P], torch.arange(P, device=self.device), self.prefill_pos[:, :P],
                                kv_len)
-        self._record(self._choose(logits.float(), sampling), sampling)
+        self._record(self._choose(logits, sampling), sampling)
 
     _MAX_PREFILL_GRAPHS = 8
 
