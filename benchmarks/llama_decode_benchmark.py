@@ -86,11 +86,7 @@ def run_ours(args, batch: int) -> Dict[str, Any]:
     """This project's ``FastDecoder`` (``compile=True``; CUDA graphs on a GPU) on the shape; system
     ``ours-tuned`` compiles with inductor's coordinate-descent tuning (gpt-fast's setting),
     ``ours-autotune`` with its max-autotune, ``ours-combo`` with its combo kernels (independent
-    small kernels launched as one), ``ours-unfused`` without the fused products of
-    :mod:`transformer.fused_decode` (each norm, activation and residual add a kernel of its own)."""
-    import contextlib
-
-    from transformer import fused_decode
+    small kernels launched as one)."""
     from transformer import DecoderOnlyTransformer, FastDecoder
     device = torch.device(args.device)
     shape = QUICK if args.quick else LLAMA_1B
@@ -105,8 +101,7 @@ def run_ours(args, batch: int) -> Dict[str, Any]:
     prompt = torch.randint(0, shape["vocab_size"], (batch, args.prompt_len), device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     call = lambda: fast.generate(prompt, args.new_tokens, do_sample=True, generator=gen, **SAMPLING)  # noqa: E731
-    with fused_decode.disabled() if args.system == "ours-unfused" else contextlib.nullcontext():
-        return dict(times=_timed(call, args.repeats, args.warmup, device))
+    return dict(times=_timed(call, args.repeats, args.warmup, device))
 
 
 def run_gpt_fast(args, batch: int) -> Dict[str, Any]:
@@ -165,8 +160,7 @@ def parent(args) -> Dict[str, Any]:
     shape = QUICK if args.quick else LLAMA_1B
     bw = copy_bandwidth(device, (64 if args.quick else 2048) << 20)
     systems = (["ours"] + (["ours-tuned"] if args.tuned else []) + (["ours-autotune"] if args.autotune else [])
-               + (["ours-combo"] if args.combo else []) + (["ours-unfused"] if args.unfused else [])
-               + (["gpt-fast"] if args.gpt_fast else []))
+               + (["ours-combo"] if args.combo else []) + (["gpt-fast"] if args.gpt_fast else []))
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         for system in systems:
@@ -231,14 +225,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--combo", action="store_true",
                    help="also a row of ours compiled with inductor's combo kernels (independent small kernels, "
                         "such as the elementwise work between two matrix products, launched as one)")
-    p.add_argument("--unfused", action="store_true",
-                   help="also a row of ours without the fused products (transformer.fused_decode): the norms, "
-                        "the SiLU gate and the residual adds as kernels of their own")
     p.add_argument("--quick", action="store_true", help="a tiny shape: a smoke test of the script")
     p.add_argument("--timeout", type=int, default=900, help="seconds per system and batch size [900]")
     p.add_argument("--out", default=None, help="results JSON [benchmarks/results/llama_decode_<device>.json]")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--system", default="ours", choices=("ours", "ours-tuned", "ours-autotune", "ours-combo", "ours-unfused", "gpt-fast"),
+    p.add_argument("--system", default="ours", choices=("ours", "ours-tuned", "ours-autotune", "ours-combo", "gpt-fast"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("new_tokens", "prompt_len", "repeats"):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .cpu_attention import paged_attention
-from .layers import Linear, MaskPlan, PagedMask, VarlenMask, apply_rotary, make_norm, project
+from .layers import Linear, MaskPlan, PagedMask, VarlenMask, apply_rotary, make_norm
 
 
 _compiled_flex = None
@@ -142,14 +142,12 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def project_qkv(self, x: torch.Tensor, norm: Optional[nn.Module] = None
-                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Self-attention queries, keys, values of ``norm(x)`` (``x`` ``(B, S, d_model)``; no norm
-        if ``None``) from one fused matmul: ``(B, S, H, D)``, ``(B, S, H_kv, D)``,
-        ``(B, S, H_kv, D)`` (before RoPE; after the per-head ``q_norm``/``k_norm`` when
-        ``config.qk_norm``)."""
+    def project_qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention queries, keys, values of ``x`` ``(B, S, d_model)`` from one fused matmul:
+        ``(B, S, H, D)``, ``(B, S, H_kv, D)``, ``(B, S, H_kv, D)`` (before RoPE; after the
+        per-head ``q_norm``/``k_norm`` when ``config.qk_norm``)."""
         B, S, _ = x.shape
-        q, k, v = project(self.qkv_proj, x, norm=norm).view(B, S, self.n_heads + 2 * self.n_kv_heads, self.head_dim).split(
+        q, k, v = self.qkv_proj(x).view(B, S, self.n_heads + 2 * self.n_kv_heads, self.head_dim).split(
             [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -165,8 +163,6 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         *,
-        norm: Optional[nn.Module] = None,
-        residual: Optional[torch.Tensor] = None,
         mask=None,
         rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
         rotary=None,
@@ -179,10 +175,6 @@ class Attention(nn.Module):
 
         Args:
             x: ``(B, S, d_model)`` queries' input.
-            norm: the block's pre-norm, applied to ``x`` first (``None``: none).
-            residual: ``(B, S, d_model)`` added to the output (``None``: none).  The block passes
-                both so that a GPU decode step runs them inside the products
-                (:func:`~transformer.layers.project`).
             mask: a :class:`~transformer.layers.MaskPlan` (built here, after the cache update,
                 from the positions the cache reports), a boolean ``(B or 1, 1, S, kv_len)``
                 tensor (``True`` = may attend), or ``None`` (attend to every key).
@@ -199,10 +191,10 @@ class Attention(nn.Module):
         is_causal = isinstance(mask, MaskPlan) and mask.is_causal
         attend = None  # set for a cache that computes attention over its own storage (QuantizedKVCache.attend)
         if self.is_cross:
-            q = project(self.q_proj, x, norm=norm).view(B, S, self.n_heads, self.head_dim)
+            q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
             k, v = self._cross_kv(memory, cache, layer_idx)
         else:
-            q, k, v = self.project_qkv(x, norm)
+            q, k, v = self.project_qkv(x)
             if rope is not None:  # keys are rotated once, at their position, and cached rotated
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             if cache is None:
@@ -225,7 +217,7 @@ class Attention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads
         if attend is not None:  # reads the packed blocks in place, an online softmax across them
             y = attend(q.transpose(1, 2), layer_idx, mask=mask, is_causal=is_causal).transpose(1, 2)
-            return self._output(y.reshape(B, S, self.n_heads * self.head_dim), residual)
+            return self.resid_dropout(self.out_proj(y.reshape(B, S, self.n_heads * self.head_dim)))
         k, v = k.to(q.dtype), v.to(q.dtype)
         if isinstance(mask, VarlenMask):  # packed sequences on a GPU: (1, T) queries over (1, N) keys
             y = varlen_attention(q[0], k.transpose(1, 2)[0], v.transpose(1, 2)[0], mask, enable_gqa=gqa)  # (T, H, D)
@@ -239,15 +231,7 @@ class Attention(nn.Module):
                 q.transpose(1, 2), k, v, attn_mask=mask, is_causal=is_causal,
                 dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa,
             ).transpose(1, 2)  # (B, S, H, D)
-        return self._output(y.reshape(B, S, self.n_heads * self.head_dim), residual)
-
-    def _output(self, y: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
-        """``residual + dropout(out_proj(y))`` (``y`` ``(B, S, n_heads * head_dim)``), the add fused
-        into the product where :func:`~transformer.layers.project` can (dropout inactive)."""
-        if self.training and self.dropout > 0:
-            out = self.resid_dropout(self.out_proj(y))
-            return out if residual is None else residual + out
-        return project(self.out_proj, y, residual=residual)
+        return self.resid_dropout(self.out_proj(y.reshape(B, S, self.n_heads * self.head_dim)))
 
     def _cross_kv(self, memory, cache, layer_idx):
         """Keys/values of the encoder output in ``(B, H_kv, S_src, D)``: projected or cached."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import cpu_attention, fused_decode
+from . import cpu_attention
 from .config import ModelConfig
 
 
@@ -88,19 +88,14 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.activation = config.activation
 
-    def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``mlp(norm(x))``, plus ``residual`` when given (the block's pre-norm and residual add,
-        passed in so that :func:`project` can fuse them into the products on a GPU decode step)."""
-        h = project(self.fc_in, x, norm=norm)
-        if self.training and self.dropout.p > 0:  # dropout sits between the product and the add
-            h = activate(h.chunk(2, dim=-1)[0], self.activation) * h.chunk(2, dim=-1)[1] if self.gated \
-                else activate(h, self.activation)
-            out = self.dropout(self.fc_out(h))
-            return out if residual is None else residual + out
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc_in(x)
         if self.gated:
-            return project(self.fc_out, h, gated=self.activation, residual=residual)
-        return project(self.fc_out, activate(h, self.activation), residual=residual)
+            gate, up = h.chunk(2, dim=-1)
+            h = activate(gate, self.activation) * up
+        else:
+            h = activate(h, self.activation)
+        return self.dropout(self.fc_out(h))
 
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -112,34 +107,6 @@ def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "relu":
         return F.relu(h)
     return F.silu(h)
-
-
-def project(linear: Linear, x: torch.Tensor, *, norm: Optional[nn.Module] = None, gated: Optional[str] = None,
-            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``residual + linear(act(norm(x)))``: the shape of every product in a block.
-
-    ``norm``: the pre-norm (or ``None``); ``gated``: ``x`` is ``[gate | up]`` and ``act`` is
-    ``activate(gate, gated) * up`` (or ``None``: no activation); ``residual``: added last (or
-    ``None``).  Written out, that is three or four kernels around the product, each a launch
-    that moves a few kilobytes when decoding.  On a GPU decode step
-    (:func:`transformer.fused_decode.available`: a few rows, half precision, no gradient) with an
-    RMSNorm and a SiLU gate it is one kernel, :func:`~transformer.fused_decode.fused_linear`,
-    which rounds where this code rounds; everywhere else the modules run one after another.
-    Shapes: ``x`` ``(..., in)`` (``(..., 2 in)`` gated), ``residual`` and the result ``(..., out)``.
-    """
-    if (fused_decode.available(x, linear.weight, norm=norm is not None, gated=gated is not None)
-            and linear.weight.dtype == x.dtype
-            and (norm is None or isinstance(norm, RMSNorm)) and gated in (None, "silu")):
-        return fused_decode.fused_linear(x, linear.weight, linear.bias, norm_weight=None if norm is None else norm.weight,
-                                         eps=0.0 if norm is None else norm.eps, gated=gated is not None,
-                                         residual=residual)
-    if norm is not None:
-        x = norm(x)
-    if gated is not None:
-        gate, up = x.chunk(2, dim=-1)
-        x = activate(gate, gated) * up
-    y = linear(x)
-    return y if residual is None else residual + y
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict] = None, device=None) -> torch.Tensor:

@@ -50,14 +50,12 @@ class Block(nn.Module):
 
     def forward(self, x, *, mask=None, rope=None, rotary=None, cache=None, layer_idx=0,
                 cache_position=None, memory=None, memory_mask=None, cross_cache=None):
-        # Each sub-layer gets its pre-norm and the residual to add, so that on a GPU decode step the
-        # norm rides inside the first product and the add inside the last (layers.project).
-        x = self.attn(x, norm=self.norm1, residual=x, mask=mask, rope=rope, rotary=rotary, cache=cache,
-                      layer_idx=layer_idx, cache_position=cache_position)
+        x = x + self.attn(self.norm1(x), mask=mask, rope=rope, rotary=rotary, cache=cache,
+                          layer_idx=layer_idx, cache_position=cache_position)
         if self.cross:
-            x = self.cross_attn(x, norm=self.norm_cross, residual=x, mask=memory_mask, cache=cross_cache,
-                                layer_idx=layer_idx, memory=memory)
-        return self.mlp(x, norm=self.norm2, residual=x)
+            x = x + self.cross_attn(self.norm_cross(x), mask=memory_mask, cache=cross_cache,
+                                    layer_idx=layer_idx, memory=memory)
+        return x + self.mlp(self.norm2(x))
 
 
 class TokenDecoder(nn.Module):
