@@ -5,7 +5,8 @@ timed, each against the way it was done before, in interleaved rounds (medians):
 
 * **noise**: one ``torch.Generator`` per request drawing its row of ``Exp(1)`` noise (one call
   per row), against :func:`transformer.fast_decode.request_noise` (a hash of each request's seed
-  and position, one pass for the whole step);
+  and position, one pass for the whole step); and that hash computed as it first was (int64, a
+  new tensor per operation) against how it is now (int32, in place), the same bits;
 * **filters**: :func:`transformer.sampling.process_logits_rows` with a full sort of every row,
   against ``width=`` (each row's best candidates first; the rows they do not decide sorted
   whole), for top-k, top-k + top-p and top-p over peaked and over flat logits.
@@ -24,7 +25,7 @@ from typing import Callable, Dict, List
 import torch
 
 from benchmarks.common import format_machine, machine_description, markdown_table, set_threads, write_results
-from transformer.fast_decode import request_noise
+from transformer.fast_decode import _M32, _ROW_STRIDE, _mix32, _unit, request_noise
 from transformer.sampling import process_logits_rows
 
 DEFAULT_OUT = "benchmarks/results/sampling_cpu.json"
@@ -32,6 +33,13 @@ DEFAULT_OUT = "benchmarks/results/sampling_cpu.json"
 #: vocabulary under top-p; peaked ones (scale 4, closer to a trained model) keep a few dozen.
 FILTERS = [("top-k 50", 1.0, 50, None), ("top-k 50 + top-p 0.9", 1.0, 50, 0.9),
            ("top-p 0.95, peaked logits", 4.0, None, 0.95), ("top-p 0.95, flat logits", 1.0, None, 0.95)]
+
+
+def int64_request_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``request_noise`` as it was first written: the same hash on int64 words masked to 32 bits,
+    each operation a new ``S x vocab`` tensor (the same bits as today's int32, in-place one)."""
+    key = _mix32((_mix32((seeds ^ _mix32(counters & _M32)) & _M32) + _ROW_STRIDE) & _M32)
+    return _unit(_mix32(key[:, None] ^ torch.arange(vocab)))
 
 
 def interleaved_ms(fns: Dict[str, Callable[[], object]], rounds: int, calls: int) -> Dict[str, float]:
@@ -78,6 +86,11 @@ def main(argv=None) -> Dict:
     noise = interleaved_ms({"before": per_row_generators,
                             "after": lambda: request_noise(seeds, positions, V).log_().neg_()}, args.rounds, calls)
     rows.append(dict(part="noise, temperature only", before="a Generator per row", after="request_noise",
+                     before_ms=noise["before"], after_ms=noise["after"]))
+    assert torch.equal(int64_request_noise(seeds, positions, V), request_noise(seeds, positions, V))
+    noise = interleaved_ms({"before": lambda: int64_request_noise(seeds, positions, V),
+                            "after": lambda: request_noise(seeds, positions, V)}, args.rounds, calls)
+    rows.append(dict(part="the hash of request_noise", before="int64, a tensor per op", after="int32, in place",
                      before_ms=noise["before"], after_ms=noise["after"]))
     temperature = torch.full((B,), 0.8)
     for name, scale, k, top_p in FILTERS:

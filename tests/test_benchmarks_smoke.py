@@ -179,7 +179,8 @@ def test_sampling_benchmark_quick_times_both_ways_of_each_part(tmp_path, capsys)
     from benchmarks import sampling_benchmark
     out = tmp_path / "sampling.json"
     rows = sampling_benchmark.main(["--quick", "--out", str(out)])["rows"]
-    assert [r["part"].split(":")[0] for r in rows] == ["noise, temperature only"] + ["filters"] * 4
+    assert [r["part"].split(":")[0] for r in rows] == ["noise, temperature only", "the hash of request_noise"] + \
+        ["filters"] * 4
     assert all(_positive(r["before_ms"]) and _positive(r["after_ms"]) for r in rows)
     assert json.loads(out.read_text())["results"]["rows"][0]["after"] == "request_noise"
     assert "| filters: top-p 0.95, flat logits" in capsys.readouterr().out

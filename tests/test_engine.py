@@ -148,6 +148,21 @@ def test_request_noise_is_a_function_of_seed_and_position_only():
     assert fold_seed(5) == 5 and fold_seed(5 + (1 << 32)) != 5 and 0 <= fold_seed(-3) < 1 << 32
 
 
+def test_request_noise_int32_hash_is_the_int64_hash_bit_for_bit():
+    """``request_noise`` hashes the ``S x vocab`` words in int32, in place; each row is exactly
+    the int64 hash of ``uniform_noise`` (its row 1 for that seed and counter), for keys on both
+    sides of 2^31 (where the int32 word is negative) and a vocabulary of no round size."""
+    from transformer.fast_decode import request_noise, uniform_noise
+
+    g = torch.Generator().manual_seed(4)
+    seeds = torch.cat([torch.randint(0, 1 << 32, (30,), generator=g), torch.tensor([0, (1 << 32) - 1, 1 << 31])])
+    counters = torch.randint(0, 1 << 20, (33,), generator=g)
+    got = request_noise(seeds, counters, 5003)
+    assert got.dtype == torch.float32 and got.shape == (33, 5003)
+    for s in range(33):
+        assert torch.equal(got[s], uniform_noise(seeds[s:s + 1], counters[s:s + 1], 2, 5003)[1]), s
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_a_step_of_prompt_chunks_only_samples_nothing(async_scheduling):
     """A long prompt under a small token budget: its first steps compute chunks and sample no token."""
