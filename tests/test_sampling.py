@@ -95,6 +95,19 @@ def test_a_filter_no_row_uses_can_be_left_out():
                                                                                                none_k, p))
 
 
+def test_a_temperature_of_none_is_one_in_every_row_bit_for_bit():
+    """``temperature=None`` (the engine passes it when every sampled row is at 1) gives what a
+    temperature of 1.0 per row gives, bit for bit, with no filter, top-k, top-p and a width."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(5, 300, generator=g) * 3
+    ones = torch.ones(5)
+    k, p = torch.tensor([300, 4, 20, 300, 9]), torch.tensor([1.0, 0.9, 0.5, 0.7, 1.0])
+    for top_k, top_p, width in ((None, None, None), (k, None, None), (None, p, None), (k, p, None), (k, p, 24)):
+        got = process_logits_rows(logits, None, top_k, top_p, width)
+        assert torch.equal(got, process_logits_rows(logits, ones, top_k, top_p, width)), (top_k, top_p, width)
+    assert torch.equal(process_logits_rows(logits, None, None, None), logits)  # the logits as they are
+
+
 @settings(max_examples=200, deadline=None)
 @given(data=st.data(), B=st.integers(1, 6), V=st.integers(2, 40), width=st.integers(1, 40),
        scale=st.sampled_from([0.5, 3.0, 12.0]), seed=st.integers(0, 2 ** 16))

@@ -258,12 +258,14 @@ def sample_next_token(logits: torch.Tensor, do_sample: bool = False, temperature
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def process_logits_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: Optional[torch.Tensor],
+def process_logits_rows(logits: torch.Tensor, temperature: Optional[torch.Tensor], top_k: Optional[torch.Tensor],
                         top_p: Optional[torch.Tensor], width: Optional[int] = None) -> torch.Tensor:
     """:func:`process_logits` with settings that differ per row, in one batched pass.
 
     ``logits`` ``(B, V)``; ``temperature`` ``(B,)`` float, each ``> 0`` (greedy rows take the
-    argmax and never come here); ``top_k`` ``(B,)`` long (``V`` for none); ``top_p`` ``(B,)``
+    argmax and never come here), or ``None`` for 1 in every row (OpenAI's default: the logits
+    as they are, without the seven ``B x V`` passes that decide per row; 11 ms for 32 x 50,257
+    on this 2-core CPU); ``top_k`` ``(B,)`` long (``V`` for none); ``top_p`` ``(B,)``
     float (``1.0`` for none); either may be ``None``: no row filters that way.  Returns
     ``(B, V)`` float32 with the filtered tokens at ``-inf``.
 
@@ -284,11 +286,12 @@ def process_logits_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: 
     sort of a ``64 x 4096`` CPU batch took ~7.5 ms here; a ``topk`` of 64, under one.
     """
     logits = logits.float()
-    t = temperature.float().unsqueeze(-1)  # (B, 1)
-    top = logits.amax(dim=-1, keepdim=True)
-    # the three branches of process_logits, chosen per row: shift-then-divide below 1, divide above
-    cooled = torch.where(logits == top, 0.0, (logits - top) / t)
-    logits = torch.where(t < 1, cooled, torch.where(t > 1, logits / t, logits))
+    if temperature is not None:
+        t = temperature.float().unsqueeze(-1)  # (B, 1)
+        top = logits.amax(dim=-1, keepdim=True)
+        # the three branches of process_logits, chosen per row: shift-then-divide below 1, divide above
+        cooled = torch.where(logits == top, 0.0, (logits - top) / t)
+        logits = torch.where(t < 1, cooled, torch.where(t > 1, logits / t, logits))
     if top_k is None and top_p is None:
         return logits
     if width is None or width >= logits.shape[-1]:

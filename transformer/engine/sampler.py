@@ -58,7 +58,7 @@ def sample_step(logits: torch.Tensor, requests: Sequence) -> torch.Tensor:
     # top-k, or (on a CPU, where reading back costs nothing) the top-p mass lies within 64
     ks = [s.top_k for s in settings if s.top_k is not None and s.top_k < V]
     width = max(ks) if len(ks) == len(settings) else max(ks + [64]) if dev.type == "cpu" else None
-    probs = torch.softmax(process_logits_rows(logits.index_select(0, index), table[1].float(), top_k, top_p, width),
-                          dim=-1)
+    temperature = None if all(s.temperature == 1 for s in settings) else table[1].float()  # None: 1 everywhere
+    probs = torch.softmax(process_logits_rows(logits.index_select(0, index), temperature, top_k, top_p, width), dim=-1)
     exp1 = request_noise(seeds, counters, V).log_().neg_()  # Exp(1) draws, > 0: u < 1 strictly
     return tokens.index_copy(0, index, (probs / exp1).argmax(dim=-1))
