@@ -126,7 +126,8 @@ def request_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> to
     The per-row keys are hashed in int64 as everywhere else; the ``S x vocab`` part, which is
     all of the cost, in int32 and in place (:func:`_mix32_int32_`): 32-bit products wrap
     exactly as the int64 ones masked to 32 bits, at half the bytes and without a fresh
-    ``S x vocab`` tensor per operation (64 x 50,257 on this 2-core CPU: 7.6 against 38 ms).
+    ``S x vocab`` tensor per operation (64 x 50,257 on this 2-core CPU: 10.8 against 48.4 ms,
+    ``benchmarks/sampling_benchmark.py``).
     Eager only: an int32 product that wraps is what the hardware does, and what this needs, but
     not a promise a compiler's C++ makes (compiled steps use :func:`uniform_noise`'s int64)."""
     key = _mix32((_mix32((seeds ^ _mix32(counters & _M32)) & _M32) + _ROW_STRIDE) & _M32)  # (S,) in [0, 2^32)
